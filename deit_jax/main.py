@@ -1,0 +1,76 @@
+"""Entry point: ``python -m deit_jax.main --config=configs/deit_ti.py --workdir=DIR``.
+
+Parses flags and the config, initialises JAX's multi-process runtime when asked, and calls
+``train.train_and_evaluate``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# tf.data runs on the host only; keep TensorFlow off the accelerators JAX uses.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/deit_ti.py[:variant].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Initialise jax.distributed: 'on' always (TPU pods, SLURM, explicit flags), "
+                  "'auto' when a coordinator is given or SLURM/TPU-pod variables are present.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit clusters).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (explicit clusters).")
+flags.DEFINE_integer("process_id", None, "This process's id (explicit clusters).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _cluster_detected() -> bool:
+    env = os.environ
+    slurm = int(env.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env
+    return slurm or tpu_pod
+
+
+def initialize_distributed(mode: str, coordinator: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+    """Starts JAX's multi-controller runtime (before any other JAX call)."""
+    if mode == "off" or (mode == "auto" and not coordinator and not _cluster_detected()):
+        return
+    if coordinator and jax.config.jax_platforms == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+class _QuietLibraries:
+    """Drops INFO chatter from Orbax/TFDS internals (one line per file written) from the log."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or not any(
+            part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+
+
+def main(argv):
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id)
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    from deit_jax import train
+
+    logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+    logging.info("config:\n%s", FLAGS.config)
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,54 @@
+"""Model registry: official timm/DeiT names -> Flax modules.
+
+``create_model(name, **overrides)`` is the one way the trainer, the converter and the tests build
+models. Every model follows one calling convention: ``model.apply(variables, images, train=...)``
+with float32 ``[batch, height, width, 3]`` normalised images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+
+from deit_jax.models import regnet
+from deit_jax.models.vit import VisionTransformer
+
+_TI = dict(embed_dim=192, num_heads=3)
+_S = dict(embed_dim=384, num_heads=6)
+_B = dict(embed_dim=768, num_heads=12)
+
+DEIT_CONFIGS: dict[str, dict[str, Any]] = {
+    "deit_tiny_patch16_224": dict(**_TI),
+    "deit_small_patch16_224": dict(**_S),
+    "deit_base_patch16_224": dict(**_B),
+    "deit_tiny_distilled_patch16_224": dict(**_TI, distilled=True),
+    "deit_small_distilled_patch16_224": dict(**_S, distilled=True),
+    "deit_base_distilled_patch16_224": dict(**_B, distilled=True),
+    "deit_base_patch16_384": dict(**_B, img_size=384),
+    "deit_base_distilled_patch16_384": dict(**_B, img_size=384, distilled=True),
+}
+MODEL_NAMES: tuple[str, ...] = (*DEIT_CONFIGS, *regnet.REGNET_NAMES)
+
+
+def is_deit(name: str) -> bool:
+    return name in DEIT_CONFIGS
+
+
+def create_model(name: str, **overrides: Any) -> nn.Module:
+    """Builds the model called ``name`` (an official timm/DeiT name) with field overrides.
+
+    DeiT models accept overrides of any ``VisionTransformer`` field (``num_classes``,
+    ``img_size``, ``drop_path_rate``, ``dtype``, ``depth``, ...); RegNetY models those of
+    ``regnet.create_regnet``. Unknown names and fields raise ``ValueError`` listing valid ones.
+    """
+    if name in regnet.REGNET_NAMES:
+        return regnet.create_regnet(name, **overrides)
+    if name not in DEIT_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    fields = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for {name}; valid: {sorted(fields)}")
+    return VisionTransformer(**{**DEIT_CONFIGS[name], **overrides})

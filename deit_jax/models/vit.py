@@ -1,0 +1,168 @@
+"""DeiT / ViT in Flax linen, parameter-for-parameter the model of timm and the official DeiT code.
+
+Token layout: ``[cls, dist, patch_1 .. patch_N]`` (``dist`` only for distilled models); the
+position embedding covers all of them and is added after the concatenation.
+Submodule names follow timm's state-dict keys (``blocks_3/attn/qkv`` <-> ``blocks.3.attn.qkv``)
+so that conversion is a rename plus a layout change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# timm's trunc_normal_(std=.02) truncates at +-2 *absolute*, i.e. at 100 standard deviations:
+# in practice a plain normal.
+_init_02 = nn.initializers.normal(0.02)
+# PyTorch's default Conv2d init (kaiming_uniform, a=sqrt(5)) is U(+-1/sqrt(fan_in)); timm's DeiT-era
+# init leaves the patch projection at that default.
+_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, kernel_init=_init_02, bias_init=nn.initializers.zeros,
+                    name=name)
+
+
+def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches through a ``patch x patch`` stride-``patch`` convolution."""
+
+    patch_size: int
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[batch, height, width, 3] -> [batch, num_patches, embed_dim] (row-major patch order)."""
+        p = self.patch_size
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    kernel_init=_conv_init, name="proj")(x)
+        b, h, w, d = x.shape
+        return x.reshape(b, h * w, d)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (with bias), as timm."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[batch, tokens, dim] -> [batch, tokens, dim]."""
+        b, n, d = x.shape
+        head_dim = d // self.num_heads
+        qkv = _dense(3 * d, self.dtype, "qkv")(x)
+        # timm reshapes the fused output as (3, heads, head_dim): q, k, v in that order.
+        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
+        # Scale head_dim**-0.5 (the default). None = XLA's implementation (any backend);
+        # 'cudnn' = cuDNN flash attention on NVIDIA GPUs. Softmax runs in float32 either way.
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        x = _dense(self.hidden_dim, self.dtype, "fc1")(x)
+        # PyTorch's nn.GELU is the erf form; flax's nn.gelu defaults to the tanh approximation.
+        x = nn.gelu(x, approximate=False)
+        return _dense(d, self.dtype, "fc2")(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with stochastic depth on both residual branches."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        # Stochastic depth = dropout of whole residual branches per sample: one mask value per
+        # example, broadcast over tokens and channels, scaled by 1/(1-p) like timm's DropPath.
+        drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train,
+                               rng_collection="drop_path")
+        y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(_layer_norm(self.dtype, "norm1")(x))
+        x = x + drop_path(y)
+        y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(
+            _layer_norm(self.dtype, "norm2")(x))
+        return x + drop_path(y)
+
+
+class VisionTransformer(nn.Module):
+    """DeiT: ViT with a cls token and, when ``distilled``, a distillation token and head.
+
+    ``__call__(images, train)`` takes float32 ``[batch, height, width, 3]`` normalised images.
+    Returns logits ``[batch, num_classes]``; a distilled model returns ``(cls_logits,
+    dist_logits)`` when ``train`` (or ``both_heads``, for evaluating each head) and their mean
+    (the official inference rule) otherwise.
+    ``train=True`` with ``drop_path_rate > 0`` needs a ``'drop_path'`` rng.
+    """
+
+    num_classes: int = 1000
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    distilled: bool = False
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 2 if self.distilled else 1
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False, both_heads: bool = False):
+        if images.shape[1:3] != (self.img_size, self.img_size):
+            raise ValueError(f"model built for {self.img_size}x{self.img_size} images, got "
+                             f"{images.shape[1]}x{images.shape[2]}; resample pos_embed with "
+                             "deit_jax.convert to change resolution")
+        d = self.embed_dim
+        x = PatchEmbed(self.patch_size, d, self.dtype, name="patch_embed")(images.astype(self.dtype))
+        b = x.shape[0]
+        tokens = [self.param("cls_token", _init_02, (1, 1, d))]
+        if self.distilled:
+            tokens.append(self.param("dist_token", _init_02, (1, 1, d)))
+        prefix = [jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in tokens]
+        x = jnp.concatenate([*prefix, x], axis=1)
+        pos_embed = self.param("pos_embed", _init_02, (1, x.shape[1], d))
+        x = x + pos_embed.astype(x.dtype)
+
+        for i in range(self.depth):
+            # Linear stochastic-depth decay rule: 0 for the first block, drop_path_rate for the last.
+            rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0
+            x = Block(self.num_heads, self.mlp_ratio, rate, self.dtype, self.attention_impl,
+                      name=f"blocks_{i}")(x, train)
+        x = _layer_norm(self.dtype, "norm")(x)
+
+        # Logits in float32 so losses and softmax never run in bfloat16.
+        logits = _dense(self.num_classes, self.dtype, "head")(x[:, 0]).astype(jnp.float32)
+        if not self.distilled:
+            return logits
+        dist = _dense(self.num_classes, self.dtype, "head_dist")(x[:, 1]).astype(jnp.float32)
+        if train or both_heads:
+            return logits, dist
+        return (logits + dist) / 2

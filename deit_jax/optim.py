@@ -1,0 +1,73 @@
+"""Learning-rate schedule, AdamW with the DeiT weight-decay mask, and model EMA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import traverse_util
+
+# Parameters never decayed (besides biases and norm scales): timm's no_weight_decay().
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def scaled_lr(base_lr: float, global_batch_size: int) -> float:
+    """The official linear scaling rule: ``lr = base_lr * global_batch / 512``."""
+    return base_lr * global_batch_size / 512.0
+
+
+def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
+                ) -> Callable[[jax.Array], jax.Array]:
+    """step -> lr: timm's CosineLRScheduler as the official code configures it.
+
+    Linear warmup from ``warmup_lr`` over ``warmup_epochs``, then
+    ``min_lr + (lr - min_lr) * (1 + cos(pi * epoch / epochs)) / 2``; the cosine is evaluated
+    at the absolute epoch (timm's ``warmup_prefix=False``), and stays at ``min_lr`` after
+    ``epochs``. ``per_epoch`` steps the schedule once an epoch, as the official code does;
+    otherwise it is evaluated at the fractional epoch every step.
+    """
+    opt = config.optim
+    peak = scaled_lr(opt.lr, config.batch_size)
+    epochs, warmup = float(config.num_epochs), float(opt.warmup_epochs)
+
+    def schedule(step):
+        epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
+        if opt.per_epoch:
+            epoch = jnp.floor(epoch)
+        warm = opt.warmup_lr + epoch * (peak - opt.warmup_lr) / max(warmup, 1e-8)
+        cos = opt.min_lr + 0.5 * (peak - opt.min_lr) * (1 + jnp.cos(jnp.pi * epoch / epochs))
+        lr = jnp.where(epoch < warmup, warm, cos)
+        return jnp.where(epoch >= epochs, opt.min_lr, lr)
+
+    return schedule
+
+
+def decay_mask(params, *, decay_dist_token: bool):
+    """True where weight decay applies: matrices and conv kernels, not biases, norms, tokens."""
+    no_decay = NO_DECAY_NAMES + (() if decay_dist_token else ("dist_token",))
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({
+        path: (leaf.ndim > 1 and path[-1] not in no_decay) for path, leaf in flat.items()})
+
+
+def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
+                     ) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW (+ optional global-norm clipping) with the DeiT schedule and decay mask."""
+    opt = config.optim
+    if opt.name != "adamw":
+        raise ValueError(f"optim.name {opt.name!r} unknown; only 'adamw' (the paper's) is built")
+    schedule = lr_schedule(config, steps_per_epoch)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                        weight_decay=opt.weight_decay,
+                        mask=lambda p: decay_mask(p, decay_dist_token=opt.decay_dist_token))
+    if opt.clip_grad:
+        adamw = optax.chain(optax.clip_by_global_norm(opt.clip_grad), adamw)
+    return adamw, schedule
+
+
+def ema_update(ema_params, params, decay: float):
+    """timm's ModelEma: ``ema = decay * ema + (1 - decay) * params``, once per optimizer step."""
+    return optax.incremental_update(params, ema_params, step_size=1.0 - decay)

@@ -1,0 +1,448 @@
+"""Training and evaluation: the TrainState, pure pmapped steps, and the loop.
+
+The train step is pmapped over local devices with axis name ``batch``; gradients, metrics and
+evaluation counts cross devices only through the collectives written out below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import jax_utils, struct
+
+from deit_jax import checkpoint, input_pipeline, losses, models, optim
+from deit_jax.mixup import mix_rows, mixup_cutmix
+
+AXIS = "batch"
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a resumed run needs; the teacher is deliberately not in here."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    batch_stats: Any  # {} for models without BatchNorm
+    ema_params: Any  # {} when EMA is off
+    rng: jax.Array  # root key data (uint32); per-step keys are folded from it
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The distillation teacher: a model run on the fly, or logits that arrive with the batch."""
+
+    model: nn.Module | None = None
+    variables: Any = None  # host copy; replicated once by the loop
+    precomputed_dir: str = ""
+    num_classes: int = 0
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def model_overrides(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    """``create_model`` overrides from ``config.model`` (0 / '' mean: the registry's value)."""
+    c = config.model
+    overrides = dict(num_classes=num_classes, dtype=jnp.dtype(c.dtype))
+    if models.is_deit(c.name):
+        overrides["drop_path_rate"] = c.drop_path_rate
+        overrides["attention_impl"] = c.attention_impl or None
+        for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+            if c[key]:
+                overrides[key] = c[key]
+    else:
+        overrides["bn_axis_name"] = AXIS  # BatchNorm statistics averaged across devices
+    return overrides
+
+
+def image_size_of(model: nn.Module, config: ml_collections.ConfigDict) -> int:
+    return getattr(model, "img_size", 0) or config.model.img_size or 224
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))(rng, images))
+
+
+def is_distilled(model: nn.Module) -> bool:
+    return bool(getattr(model, "distilled", False))
+
+
+def create_train_state(config, model, tx, rng, image_size) -> TrainState:
+    init_rng, root = jax.random.split(rng)
+    variables = init_variables(model, init_rng, image_size)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        batch_stats=variables.get("batch_stats", {}),
+        ema_params=jax.tree.map(jnp.copy, params) if config.ema.enabled else {},
+        rng=jax.random.key_data(root))
+
+
+# ------------------------------------------------------------------------------------- steps
+
+
+def _teacher_targets(batch, images, lam, teacher, teacher_vars, config):
+    """Teacher logits for the (mixed) batch, never differentiated."""
+    if teacher.precomputed_dir:
+        # Precomputed logits saw the unmixed views: mix the teacher's probabilities with the
+        # images' lambda and pairing, and hand them back as tau * log(p) so that
+        # softmax(logits / tau) = p and argmax is the mixed prediction.
+        tau = config.distillation.tau
+        probs = jax.nn.softmax(batch["teacher_logits"].astype(jnp.float32) / tau, axis=-1)
+        return tau * jnp.log(jnp.maximum(mix_rows(probs, lam), 1e-30))
+    logits = teacher.model.apply(teacher_vars, images, train=False)
+    return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+
+def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.Module,
+               teacher: Teacher, tx: optax.GradientTransformation, lr_fn,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+    """One optimizer step on this device's shard of the global batch (pmapped over ``batch``)."""
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))  # per-device randomness
+    mix_rng, drop_rng = jax.random.split(rng)
+    dist = config.distillation
+    num_classes = model.num_classes
+    accum = config.optim.grad_accum_steps
+
+    def micro_loss(params, batch_stats, micro, key):
+        m = config.mixup
+        images, targets, lam = mixup_cutmix(
+            jax.random.fold_in(key, 0), micro["image"], micro["label"], num_classes=num_classes,
+            mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, switch_prob=m.switch_prob,
+            mix_prob=m.prob, label_smoothing=m.label_smoothing)
+        teacher_logits = None
+        if dist.kind != "none":
+            teacher_logits = _teacher_targets(micro, images, lam, teacher, teacher_vars, config)
+        variables = {"params": params}
+        rngs = {"drop_path": jax.random.fold_in(key, 1)}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+            out, updated = model.apply(variables, images, train=True, rngs=rngs,
+                                       mutable=["batch_stats"])
+            batch_stats = updated["batch_stats"]
+        else:
+            out = model.apply(variables, images, train=True, rngs=rngs)
+        cls_logits, dist_logits = out if isinstance(out, tuple) else (out, None)
+        loss = losses.deit_loss(cls_logits, dist_logits, targets, teacher_logits,
+                                distillation=dist.kind, alpha=dist.alpha, tau=dist.tau,
+                                kd_reduction=dist.kd_reduction)
+        return loss, batch_stats
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if accum == 1:
+        (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, batch, mix_rng)
+    else:
+        # Gradient accumulation: scan over micro-batches, average gradients, one update.
+        micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
+
+        def body(carry, xs):
+            grads_sum, loss_sum, bs = carry
+            mb, i = xs
+            (loss, bs), grads = grad_fn(state.params, bs, mb, jax.random.fold_in(mix_rng, i))
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, bs), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, loss, batch_stats), _ = jax.lax.scan(
+            body, (zeros, 0.0, state.batch_stats), (micro, jnp.arange(accum)))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        loss = loss / accum
+
+    # Every device holds the same share of the global batch: the mean of per-device means is
+    # the global-batch mean, as in the official DDP code.
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = (optim.ema_update(state.ema_params, params, config.ema.decay) if config.ema.enabled
+           else state.ema_params)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = jax.lax.pmean(metrics, AXIS)
+    metrics["lr"] = lr_fn(state.step)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats=batch_stats, ema_params=ema)
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch_stats: Any, batch: dict, *, model: nn.Module) -> dict:
+    """Top-1/top-5 correct counts, psummed over devices, for every head (pmapped)."""
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    if is_distilled(model):
+        cls_logits, dist_logits = model.apply(variables, batch["image"], train=False,
+                                              both_heads=True)
+        outputs = {"cls": cls_logits, "dist": dist_logits,
+                   "fused": (cls_logits + dist_logits) / 2}
+    else:
+        outputs = {"cls": model.apply(variables, batch["image"], train=False)}
+    mask, labels = batch["mask"], batch["label"]
+    counts = {"count": mask.sum()}
+    for head, logits in outputs.items():
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        counts[f"top1_{head}"] = ((top5[:, 0] == labels) * mask).sum()
+        counts[f"top5_{head}"] = ((top5 == labels[:, None]).any(-1) * mask).sum()
+    return jax.lax.psum(counts, AXIS)  # exact totals: the host only adds across batches
+
+
+def evaluate(p_eval_step, params, batch_stats, batches) -> dict[str, float]:
+    """Runs a pass of ``batches``; returns accuracies in percent and the example count."""
+    totals = None
+    for batch in batches:
+        counts = p_eval_step(params, batch_stats, batch)
+        totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+    totals = jax.tree.map(lambda x: float(x[0]), jax.device_get(totals))
+    count = totals.pop("count")
+    return {"count": count, **{k: 100.0 * v / count for k, v in totals.items()}}
+
+
+# ------------------------------------------------------------------------------ setup checks
+
+
+def load_pretrained(path: str) -> dict:
+    """Variables from a converted checkpoint or from an earlier run's workdir (its latest step)."""
+    if checkpoint.is_variables_checkpoint(path):
+        return checkpoint.load_variables(path)[0]
+    manager = checkpoint.create_manager(path, max_to_keep=1000, enable_async=False) if (
+        checkpoint.has_run_checkpoints(path)) else None
+    if manager is None:
+        raise FileNotFoundError(
+            f"{path!r} is neither a converted checkpoint (python -m deit_jax.convert ... "
+            "--out DIR) nor a training workdir with checkpoints")
+    state = checkpoint.restore_raw(manager, manager.latest_step())
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return variables
+
+
+def adapt_pretrained(pretrained: dict, target: dict, model: nn.Module) -> dict:
+    """Fits ``pretrained`` params to ``target``'s shapes for fine-tuning.
+
+    ``pos_embed`` is resampled to the new grid (official fine-tuning rule) and heads whose class
+    count differs are re-initialised (taken from ``target``); any other mismatch is an error.
+    """
+    from deit_jax.convert import resample_pos_embed
+
+    flat_src = flax.traverse_util.flatten_dict(pretrained)
+    flat_dst = flax.traverse_util.flatten_dict(target)
+    missing = sorted("/".join(k) for k in set(flat_dst) - set(flat_src))
+    extra = sorted("/".join(k) for k in set(flat_src) - set(flat_dst))
+    if missing or extra:
+        raise ValueError(f"init_from does not fit {type(model).__name__}: missing {missing}, "
+                         f"unexpected {extra}")
+    out = {}
+    for key, dst in flat_dst.items():
+        src = np.asarray(flat_src[key])
+        if src.shape != dst.shape:
+            if key == ("pos_embed",):
+                side = model.img_size // model.patch_size
+                src = resample_pos_embed(src, (side, side), model.num_prefix_tokens)
+            elif key[0] in ("head", "head_dist"):
+                logging.info("init_from: re-initialising %s (%s -> %s classes)", key[0],
+                             src.shape[-1], dst.shape[-1])
+                src = np.asarray(dst)
+            if src.shape != dst.shape:
+                raise ValueError(f"init_from: {'/'.join(key)} has shape {src.shape}, the model "
+                                 f"needs {dst.shape}")
+        out[key] = src.astype(np.asarray(dst).dtype)
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_classes: int,
+                  image_size: int) -> Teacher:
+    """Checks the distillation setup and loads the teacher before any training starts."""
+    dist = config.distillation
+    if dist.kind not in losses.DISTILLATION_KINDS:
+        raise ValueError(f"distillation.kind must be one of {losses.DISTILLATION_KINDS}")
+    if dist.kind == "none":
+        return Teacher()
+    if not is_distilled(student):
+        raise ValueError(f"distillation.kind={dist.kind!r} needs a distilled student (one with a "
+                         f"dist token); {config.model.name} has none: use the *_distilled_* name")
+    if dist.teacher.startswith("precomputed:"):
+        directory = dist.teacher.split(":", 1)[1]
+        raise NotImplementedError(f"precomputed teacher logits ({directory}) are not built yet")
+    if not dist.teacher_init:
+        raise ValueError(f"distillation.kind={dist.kind!r} needs a teacher checkpoint: set "
+                         "--config.distillation.teacher_init=DIR (a converted checkpoint or a "
+                         "teacher's workdir)")
+    overrides = dict(num_classes=num_classes, dtype=jnp.dtype(dist.teacher_dtype))
+    model = models.create_model(dist.teacher, **overrides)
+    target = init_variables(model, jax.random.key(1), image_size)
+    if dist.teacher_init == "random":
+        logging.warning("distillation teacher %s has RANDOM weights (teacher_init='random')",
+                        dist.teacher)
+        return Teacher(model, target, num_classes=num_classes)
+    variables = load_pretrained(dist.teacher_init)
+    head = variables["params"].get("head", {}).get("kernel")
+    if head is not None and head.shape[-1] != num_classes:
+        raise ValueError(f"teacher {dist.teacher} from {dist.teacher_init} predicts "
+                         f"{head.shape[-1]} classes, the student {num_classes}")
+    flat_t, flat_v = (flax.traverse_util.flatten_dict(t) for t in (target, variables))
+    bad = sorted("/".join(k) for k in set(flat_t) ^ set(flat_v)) + sorted(
+        "/".join(k) for k in set(flat_t) & set(flat_v) if flat_t[k].shape != flat_v[k].shape)
+    if bad:
+        raise ValueError(f"teacher checkpoint {dist.teacher_init} does not fit {dist.teacher}: "
+                         f"{bad[:10]}")
+    return Teacher(model, variables, num_classes=num_classes)
+
+
+# -------------------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (or, with ``eval_only``, evaluates) as ``config`` says; returns the last eval.
+
+    Every check on the config, the data, the teacher and ``init_from`` runs before the first
+    step is compiled. Resumes from the latest checkpoint in ``workdir``.
+    """
+    layout = input_pipeline.Layout.current(config.batch_size)
+    input_pipeline.Layout.current(config.eval_batch_size)  # divisibility check
+    if config.optim.grad_accum_steps < 1 or layout.per_device % config.optim.grad_accum_steps:
+        raise ValueError(f"per-device batch {layout.per_device} is not divisible by "
+                         f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
+    probe = models.create_model(config.model.name, **model_overrides(config, 1))
+    image_size = image_size_of(probe, config)
+    train_source = input_pipeline.get_source(config, "train", image_size)
+    eval_source = input_pipeline.get_source(config, "eval", image_size)
+    num_classes = train_source.num_classes
+    if config.dataset.num_classes and config.dataset.num_classes != num_classes:
+        raise ValueError(f"config.dataset.num_classes={config.dataset.num_classes} but "
+                         f"{train_source.name} has {num_classes} classes")
+    model = models.create_model(config.model.name, **model_overrides(config, num_classes))
+    teacher = build_teacher(config, model, num_classes, image_size)
+
+    steps_per_epoch = input_pipeline.steps_per_epoch(train_source.num_examples, config.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{train_source.num_examples} training examples hold no full batch of "
+                         f"{config.batch_size}")
+    total_steps = math.ceil(config.num_epochs * steps_per_epoch)
+    if config.max_steps > 0:
+        total_steps = min(total_steps, config.max_steps)
+    tx, lr_fn = optim.create_optimizer(config, steps_per_epoch)
+    state = create_train_state(config, model, tx, jax.random.key(config.seed), image_size)
+
+    if config.init_from:
+        pretrained = load_pretrained(config.init_from)
+        params = adapt_pretrained(pretrained["params"], state.params, model)
+        state = state.replace(params=params, opt_state=tx.init(params),
+                              batch_stats=pretrained.get("batch_stats", state.batch_stats),
+                              ema_params=jax.tree.map(np.copy, params) if config.ema.enabled
+                              else {})
+    elif config.eval_only:
+        raise ValueError("eval_only needs --config.init_from=DIR (a converted checkpoint)")
+
+    p_eval_step = jax.pmap(functools.partial(eval_step, model=model), axis_name=AXIS)
+
+    def run_eval(state_r) -> dict[str, float]:
+        results = {}
+        weights = {"eval": state_r.params}
+        if config.ema.enabled and not config.eval_only:
+            weights["eval_ema"] = state_r.ema_params
+        for prefix, params in weights.items():
+            batches = input_pipeline.eval_batches(config, eval_source, layout,
+                                                  image_size=image_size,
+                                                  batch_size=config.eval_batch_size)
+            for k, v in evaluate(p_eval_step, params, state_r.batch_stats, batches).items():
+                results[f"{prefix}/{k}"] = v
+        return results
+
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+    if config.eval_only:
+        results = run_eval(jax_utils.replicate(state))
+        writer.write_scalars(0, results)
+        writer.flush()
+        return results
+
+    manager = checkpoint.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+    start_step = 0
+    if manager.latest_step() is not None:
+        state, meta = checkpoint.restore(manager, manager.latest_step(), state)
+        start_step = int(state.step)
+        logging.info("resumed from %s at step %d", manager.directory, start_step)
+    if start_step >= total_steps:
+        logging.info("run already finished at step %d", start_step)
+
+    state_r = jax_utils.replicate(state)
+    teacher_vars = jax_utils.replicate(teacher.variables) if teacher.model else None
+    p_train_step = jax.pmap(
+        functools.partial(train_step, model=model, teacher=teacher, tx=tx, lr_fn=lr_fn,
+                          config=config),
+        axis_name=AXIS, donate_argnums=(0,))
+    batches = input_pipeline.train_batches(config, train_source, layout, image_size=image_size,
+                                           start_step=start_step)
+    batches = jax_utils.prefetch_to_device(batches, 2)
+
+    def save(step):
+        checkpoint.save(manager, step, jax_utils.unreplicate(state_r),
+                        {"step": step, "epoch": step / steps_per_epoch,
+                         "model": config.model.name})
+
+    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_steps=config.log_every_steps)
+    eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
+    pending: list[tuple[int, dict]] = []
+    results: dict[str, float] = {}
+    t_interval = time.time()
+
+    def flush_metrics(step):
+        """The loop's only regular host sync: fetch the buffered step metrics, check them."""
+        nonlocal pending, t_interval
+        if not pending:
+            return
+        host = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, host, strict=True):
+            if not np.isfinite(m["loss"][0]):
+                latest = manager.latest_step()
+                raise FloatingPointError(
+                    f"non-finite loss {m['loss'][0]} at step {s}; last good checkpoint: "
+                    f"{'none' if latest is None else f'step {latest}'} in {manager.directory}")
+        elapsed = time.time() - t_interval
+        summary = {k: float(np.mean([m[k][0] for m in host])) for k in host[0]}
+        summary["images_per_sec"] = len(host) * config.batch_size / elapsed
+        summary["epoch"] = step / steps_per_epoch
+        writer.write_scalars(step, summary)
+        pending, t_interval = [], time.time()
+
+    for step in range(start_step + 1, total_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state_r, metrics = p_train_step(state_r, next(batches), teacher_vars)
+        pending.append((step, metrics))
+        if step == start_step + 1:
+            jax.block_until_ready(metrics)
+            compile_s = time.time() - t_interval
+            logging.info("first step (compilation included) took %.1fs", compile_s)
+            writer.write_scalars(step, {"first_step_seconds": compile_s})
+            flush_metrics(step)
+        report(step)
+        if step % config.log_every_steps == 0 or step == total_steps:
+            flush_metrics(step)
+        if step % config.checkpoint_every_steps == 0 or step == total_steps:
+            flush_metrics(step)  # never checkpoint unchecked (possibly non-finite) steps
+            save(step)
+        if step % eval_every == 0 or step == total_steps:
+            with report.timed("eval"):
+                results = run_eval(state_r)
+            writer.write_scalars(step, results)
+            logging.info("step %d: %s", step, results)
+
+    if not results:
+        results = run_eval(state_r)
+    manager.wait_until_finished()
+    if jax.process_index() == 0:
+        (checkpoint.epath.Path(workdir) / "DONE").write_text(str(total_steps))
+    writer.flush()
+    return results
