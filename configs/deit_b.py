@@ -7,7 +7,8 @@
 
 Variants (comma-separated after ':'): distill=none|soft|hard, teacher=onthefly|precomputed
 (teacher_logits=DIR), res=224|384, smoke (a tiny CPU run on synthetic data).
-Expected ImageNet-1k val top-1 (official checkpoints): 81.8 (distill=hard: 83.4 fused; res=384 fine-tune: 82.9 / 85.2).
+Expected ImageNet-1k val top-1 (official checkpoints): 81.8 (distill=hard: 83.4 fused;
+res=384 fine-tune: 82.9 / 85.2).
 """
 
 from configs import common

@@ -54,26 +54,31 @@ def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int],
-                       num_prefix_tokens: int) -> np.ndarray:
+def resample_pos_embed(pos_embed: np.ndarray, new_grid: tuple[int, int], num_prefix_tokens: int,
+                       old_grid: tuple[int, int] | None = None) -> np.ndarray:
     """Resamples ``[1, prefix + h*w, dim]`` to ``[1, prefix + new_h*new_w, dim]``.
 
     As the official fine-tuning code: prefix tokens (cls, dist) kept, the patch part reshaped to
-    its square grid and resized bicubically with PyTorch's kernel.
+    its grid (square unless ``old_grid`` says otherwise) and resized bicubically with PyTorch's
+    kernel.
     """
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[0, num_prefix_tokens:]
-    old = math.isqrt(grid.shape[0])
-    if old * old != grid.shape[0]:
-        raise ValueError(f"pos_embed patch part has {grid.shape[0]} tokens, not a square grid")
-    grid = grid.reshape(old, old, -1).astype(np.float64)
-    rows, cols = torch_bicubic_matrix(old, new_grid[0]), torch_bicubic_matrix(old, new_grid[1])
+    if old_grid is None:
+        side = math.isqrt(grid.shape[0])
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != grid.shape[0]:
+        raise ValueError(f"pos_embed patch part has {grid.shape[0]} tokens, not a "
+                         f"{old_grid[0]}x{old_grid[1]} grid")
+    grid = grid.reshape(*old_grid, -1).astype(np.float64)
+    rows = torch_bicubic_matrix(old_grid[0], new_grid[0])
+    cols = torch_bicubic_matrix(old_grid[1], new_grid[1])
     grid = np.einsum("ah,hwd,bw->abd", rows, grid, cols)
     grid = grid.reshape(1, new_grid[0] * new_grid[1], -1).astype(pos_embed.dtype)
     return np.concatenate([prefix, grid], axis=1)
 
 
 def _torch_key(path: tuple[str, ...]) -> str:
-    """Flax path -> timm key: ``('blocks_3', 'attn', 'qkv', 'kernel')`` -> ``blocks.3.attn.qkv.weight``."""
+    """Flax path -> timm key: ('blocks_3', 'attn', 'qkv', 'kernel') -> blocks.3.attn.qkv.weight."""
     key = ".".join(path)
     key = re.sub(r"blocks_(\d+)", r"blocks.\1", key)
     return re.sub(r"\.(kernel|scale)$", ".weight", key)

@@ -1,16 +1,10 @@
-"""Training and evaluation: the TrainState, pure pmapped steps, and the loop.
-
-The train step is pmapped over local devices with axis name ``batch``; gradients, metrics and
-evaluation counts cross devices only through the collectives written out below.
-"""
+"""The training loop: setup checks, teacher, init_from, checkpoints, metrics, evaluation."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
-from typing import Any
 
 import flax
 import flax.linen as nn
@@ -18,194 +12,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
-from flax import jax_utils, struct
+from flax import jax_utils
 
-from deit_jax import checkpoint, input_pipeline, losses, models, optim
-from deit_jax.mixup import mix_rows, mixup_cutmix
-
-AXIS = "batch"
-
-
-class TrainState(struct.PyTreeNode):
-    """Everything a resumed run needs; the teacher is deliberately not in here."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    batch_stats: Any  # {} for models without BatchNorm
-    ema_params: Any  # {} when EMA is off
-    rng: jax.Array  # root key data (uint32); per-step keys are folded from it
-
-
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-    """The distillation teacher: a model run on the fly, or logits that arrive with the batch."""
-
-    model: nn.Module | None = None
-    variables: Any = None  # host copy; replicated once by the loop
-    precomputed_dir: str = ""
-    num_classes: int = 0
-
-
-# ----------------------------------------------------------------------------- building blocks
-
-
-def model_overrides(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
-    """``create_model`` overrides from ``config.model`` (0 / '' mean: the registry's value)."""
-    c = config.model
-    overrides = dict(num_classes=num_classes, dtype=jnp.dtype(c.dtype))
-    if models.is_deit(c.name):
-        overrides["drop_path_rate"] = c.drop_path_rate
-        overrides["attention_impl"] = c.attention_impl or None
-        for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
-            if c[key]:
-                overrides[key] = c[key]
-    else:
-        overrides["bn_axis_name"] = AXIS  # BatchNorm statistics averaged across devices
-    return overrides
-
-
-def image_size_of(model: nn.Module, config: ml_collections.ConfigDict) -> int:
-    return getattr(model, "img_size", 0) or config.model.img_size or 224
-
-
-def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))(rng, images))
-
-
-def is_distilled(model: nn.Module) -> bool:
-    return bool(getattr(model, "distilled", False))
-
-
-def create_train_state(config, model, tx, rng, image_size) -> TrainState:
-    init_rng, root = jax.random.split(rng)
-    variables = init_variables(model, init_rng, image_size)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-        batch_stats=variables.get("batch_stats", {}),
-        ema_params=jax.tree.map(jnp.copy, params) if config.ema.enabled else {},
-        rng=jax.random.key_data(root))
-
-
-# ------------------------------------------------------------------------------------- steps
-
-
-def _teacher_targets(batch, images, lam, teacher, teacher_vars, config):
-    """Teacher logits for the (mixed) batch, never differentiated."""
-    if teacher.precomputed_dir:
-        # Precomputed logits saw the unmixed views: mix the teacher's probabilities with the
-        # images' lambda and pairing, and hand them back as tau * log(p) so that
-        # softmax(logits / tau) = p and argmax is the mixed prediction.
-        tau = config.distillation.tau
-        probs = jax.nn.softmax(batch["teacher_logits"].astype(jnp.float32) / tau, axis=-1)
-        return tau * jnp.log(jnp.maximum(mix_rows(probs, lam), 1e-30))
-    logits = teacher.model.apply(teacher_vars, images, train=False)
-    return jax.lax.stop_gradient(logits.astype(jnp.float32))
-
-
-def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.Module,
-               teacher: Teacher, tx: optax.GradientTransformation, lr_fn,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
-    """One optimizer step on this device's shard of the global batch (pmapped over ``batch``)."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))  # per-device randomness
-    mix_rng, drop_rng = jax.random.split(rng)
-    dist = config.distillation
-    num_classes = model.num_classes
-    accum = config.optim.grad_accum_steps
-
-    def micro_loss(params, batch_stats, micro, key):
-        m = config.mixup
-        images, targets, lam = mixup_cutmix(
-            jax.random.fold_in(key, 0), micro["image"], micro["label"], num_classes=num_classes,
-            mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, switch_prob=m.switch_prob,
-            mix_prob=m.prob, label_smoothing=m.label_smoothing)
-        teacher_logits = None
-        if dist.kind != "none":
-            teacher_logits = _teacher_targets(micro, images, lam, teacher, teacher_vars, config)
-        variables = {"params": params}
-        rngs = {"drop_path": jax.random.fold_in(key, 1)}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-            out, updated = model.apply(variables, images, train=True, rngs=rngs,
-                                       mutable=["batch_stats"])
-            batch_stats = updated["batch_stats"]
-        else:
-            out = model.apply(variables, images, train=True, rngs=rngs)
-        cls_logits, dist_logits = out if isinstance(out, tuple) else (out, None)
-        loss = losses.deit_loss(cls_logits, dist_logits, targets, teacher_logits,
-                                distillation=dist.kind, alpha=dist.alpha, tau=dist.tau,
-                                kd_reduction=dist.kd_reduction)
-        return loss, batch_stats
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    if accum == 1:
-        (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, batch, mix_rng)
-    else:
-        # Gradient accumulation: scan over micro-batches, average gradients, one update.
-        micro = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), batch)
-
-        def body(carry, xs):
-            grads_sum, loss_sum, bs = carry
-            mb, i = xs
-            (loss, bs), grads = grad_fn(state.params, bs, mb, jax.random.fold_in(mix_rng, i))
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss, bs), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, loss, batch_stats), _ = jax.lax.scan(
-            body, (zeros, 0.0, state.batch_stats), (micro, jnp.arange(accum)))
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        loss = loss / accum
-
-    # Every device holds the same share of the global batch: the mean of per-device means is
-    # the global-batch mean, as in the official DDP code.
-    grads = jax.lax.pmean(grads, AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = (optim.ema_update(state.ema_params, params, config.ema.decay) if config.ema.enabled
-           else state.ema_params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-    metrics = jax.lax.pmean(metrics, AXIS)
-    metrics["lr"] = lr_fn(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats=batch_stats, ema_params=ema)
-    return new_state, metrics
-
-
-def eval_step(params: Any, batch_stats: Any, batch: dict, *, model: nn.Module) -> dict:
-    """Top-1/top-5 correct counts, psummed over devices, for every head (pmapped)."""
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    if is_distilled(model):
-        cls_logits, dist_logits = model.apply(variables, batch["image"], train=False,
-                                              both_heads=True)
-        outputs = {"cls": cls_logits, "dist": dist_logits,
-                   "fused": (cls_logits + dist_logits) / 2}
-    else:
-        outputs = {"cls": model.apply(variables, batch["image"], train=False)}
-    mask, labels = batch["mask"], batch["label"]
-    counts = {"count": mask.sum()}
-    for head, logits in outputs.items():
-        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-        counts[f"top1_{head}"] = ((top5[:, 0] == labels) * mask).sum()
-        counts[f"top5_{head}"] = ((top5 == labels[:, None]).any(-1) * mask).sum()
-    return jax.lax.psum(counts, AXIS)  # exact totals: the host only adds across batches
-
-
-def evaluate(p_eval_step, params, batch_stats, batches) -> dict[str, float]:
-    """Runs a pass of ``batches``; returns accuracies in percent and the example count."""
-    totals = None
-    for batch in batches:
-        counts = p_eval_step(params, batch_stats, batch)
-        totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
-    totals = jax.tree.map(lambda x: float(x[0]), jax.device_get(totals))
-    count = totals.pop("count")
-    return {"count": count, **{k: 100.0 * v / count for k, v in totals.items()}}
-
+from deit_jax import checkpoint, input_pipeline, losses, models, optim, steps
+from deit_jax.steps import AXIS, Teacher
 
 # ------------------------------------------------------------------------------ setup checks
 
@@ -268,7 +80,7 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
         raise ValueError(f"distillation.kind must be one of {losses.DISTILLATION_KINDS}")
     if dist.kind == "none":
         return Teacher()
-    if not is_distilled(student):
+    if not steps.is_distilled(student):
         raise ValueError(f"distillation.kind={dist.kind!r} needs a distilled student (one with a "
                          f"dist token); {config.model.name} has none: use the *_distilled_* name")
     if dist.teacher.startswith("precomputed:"):
@@ -280,7 +92,7 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
                          "teacher's workdir)")
     overrides = dict(num_classes=num_classes, dtype=jnp.dtype(dist.teacher_dtype))
     model = models.create_model(dist.teacher, **overrides)
-    target = init_variables(model, jax.random.key(1), image_size)
+    target = steps.init_variables(model, jax.random.key(1), image_size)
     if dist.teacher_init == "random":
         logging.warning("distillation teacher %s has RANDOM weights (teacher_init='random')",
                         dist.teacher)
@@ -313,15 +125,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.optim.grad_accum_steps < 1 or layout.per_device % config.optim.grad_accum_steps:
         raise ValueError(f"per-device batch {layout.per_device} is not divisible by "
                          f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
-    probe = models.create_model(config.model.name, **model_overrides(config, 1))
-    image_size = image_size_of(probe, config)
+    probe = models.create_model(config.model.name, **steps.model_overrides(config, 1))
+    image_size = steps.image_size_of(probe, config)
     train_source = input_pipeline.get_source(config, "train", image_size)
     eval_source = input_pipeline.get_source(config, "eval", image_size)
     num_classes = train_source.num_classes
     if config.dataset.num_classes and config.dataset.num_classes != num_classes:
         raise ValueError(f"config.dataset.num_classes={config.dataset.num_classes} but "
                          f"{train_source.name} has {num_classes} classes")
-    model = models.create_model(config.model.name, **model_overrides(config, num_classes))
+    model = models.create_model(config.model.name, **steps.model_overrides(config, num_classes))
     teacher = build_teacher(config, model, num_classes, image_size)
 
     steps_per_epoch = input_pipeline.steps_per_epoch(train_source.num_examples, config.batch_size)
@@ -332,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
     tx, lr_fn = optim.create_optimizer(config, steps_per_epoch)
-    state = create_train_state(config, model, tx, jax.random.key(config.seed), image_size)
+    state = steps.create_train_state(config, model, tx, jax.random.key(config.seed), image_size)
 
     if config.init_from:
         pretrained = load_pretrained(config.init_from)
@@ -344,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     elif config.eval_only:
         raise ValueError("eval_only needs --config.init_from=DIR (a converted checkpoint)")
 
-    p_eval_step = jax.pmap(functools.partial(eval_step, model=model), axis_name=AXIS)
+    p_eval_step = jax.pmap(functools.partial(steps.eval_step, model=model), axis_name=AXIS)
 
     def run_eval(state_r) -> dict[str, float]:
         results = {}
@@ -355,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batches = input_pipeline.eval_batches(config, eval_source, layout,
                                                   image_size=image_size,
                                                   batch_size=config.eval_batch_size)
-            for k, v in evaluate(p_eval_step, params, state_r.batch_stats, batches).items():
+            for k, v in steps.evaluate(p_eval_step, params, state_r.batch_stats, batches).items():
                 results[f"{prefix}/{k}"] = v
         return results
 
@@ -379,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state_r = jax_utils.replicate(state)
     teacher_vars = jax_utils.replicate(teacher.variables) if teacher.model else None
     p_train_step = jax.pmap(
-        functools.partial(train_step, model=model, teacher=teacher, tx=tx, lr_fn=lr_fn,
+        functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx, lr_fn=lr_fn,
                           config=config),
         axis_name=AXIS, donate_argnums=(0,))
     batches = input_pipeline.train_batches(config, train_source, layout, image_size=image_size,
@@ -438,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 results = run_eval(state_r)
             writer.write_scalars(step, results)
             logging.info("step %d: %s", step, results)
+            t_interval = time.time()  # images/s measures training only
 
     if not results:
         results = run_eval(state_r)

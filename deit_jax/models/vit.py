@@ -33,6 +33,13 @@ def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
 
 
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """timm's linear stochastic-depth rule: 0 for the first block up to the rate for the last."""
+    if depth == 1:
+        return [0.0]
+    return [drop_path_rate * i / (depth - 1) for i in range(depth)]
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patches through a ``patch x patch`` stride-``patch`` convolution."""
 
@@ -101,7 +108,8 @@ class Block(nn.Module):
         # example, broadcast over tokens and channels, scaled by 1/(1-p) like timm's DropPath.
         drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train,
                                rng_collection="drop_path")
-        y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(_layer_norm(self.dtype, "norm1")(x))
+        attn = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")
+        y = attn(_layer_norm(self.dtype, "norm1")(x))
         x = x + drop_path(y)
         y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(
             _layer_norm(self.dtype, "norm2")(x))
@@ -141,7 +149,8 @@ class VisionTransformer(nn.Module):
                              f"{images.shape[1]}x{images.shape[2]}; resample pos_embed with "
                              "deit_jax.convert to change resolution")
         d = self.embed_dim
-        x = PatchEmbed(self.patch_size, d, self.dtype, name="patch_embed")(images.astype(self.dtype))
+        x = PatchEmbed(self.patch_size, d, self.dtype, name="patch_embed")(
+            images.astype(self.dtype))
         b = x.shape[0]
         tokens = [self.param("cls_token", _init_02, (1, 1, d))]
         if self.distilled:
@@ -151,9 +160,7 @@ class VisionTransformer(nn.Module):
         pos_embed = self.param("pos_embed", _init_02, (1, x.shape[1], d))
         x = x + pos_embed.astype(x.dtype)
 
-        for i in range(self.depth):
-            # Linear stochastic-depth decay rule: 0 for the first block, drop_path_rate for the last.
-            rate = self.drop_path_rate * i / (self.depth - 1) if self.depth > 1 else 0.0
+        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
             x = Block(self.num_heads, self.mlp_ratio, rate, self.dtype, self.attention_impl,
                       name=f"blocks_{i}")(x, train)
         x = _layer_norm(self.dtype, "norm")(x)
