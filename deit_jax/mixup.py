@@ -15,7 +15,7 @@ from deit_jax.losses import smoothed_one_hot
 
 
 def mix_rows(x: jax.Array, lam: jax.Array) -> jax.Array:
-    """``lam * x + (1 - lam) * x[::-1]`` along the batch: how targets and teacher probabilities mix."""
+    """``lam * x + (1 - lam) * x[::-1]`` along the batch (targets, teacher probabilities)."""
     return lam * x + (1.0 - lam) * x[::-1]
 
 

@@ -69,12 +69,29 @@ def image_size_of(model: nn.Module, config: ml_collections.ConfigDict) -> int:
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
+    """Initial variables for ``[1, image_size, image_size, 3]`` images."""
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))(rng, images))
 
 
+def variable_shapes(model: nn.Module, image_size: int) -> dict:
+    """The shapes and dtypes ``init_variables`` would give, without computing anything."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return flax.core.unfreeze(jax.eval_shape(functools.partial(model.init, train=False),
+                                             jax.random.key(0), images))
+
+
 def is_distilled(model: nn.Module) -> bool:
     return bool(getattr(model, "distilled", False))
+
+
+def replicate(tree: Any) -> Any:
+    """Copies ``tree`` to every local device, laid out exactly as pmapped outputs are.
+
+    ``flax.jax_utils.replicate`` alone gives arrays on another mesh than the train step's
+    outputs, and the step would compile a second time on step 2.
+    """
+    return jax.pmap(lambda x: x, axis_name=AXIS)(flax.jax_utils.replicate(tree))
 
 
 def create_train_state(config, model, tx, rng, image_size) -> TrainState:

@@ -92,17 +92,21 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
                          "teacher's workdir)")
     overrides = dict(num_classes=num_classes, dtype=jnp.dtype(dist.teacher_dtype))
     model = models.create_model(dist.teacher, **overrides)
-    target = steps.init_variables(model, jax.random.key(1), image_size)
     if dist.teacher_init == "random":
         logging.warning("distillation teacher %s has RANDOM weights (teacher_init='random')",
                         dist.teacher)
-        return Teacher(model, target, num_classes=num_classes)
+        # rbg keys: XLA on the CPU compiles threefry-heavy initialisers very slowly.
+        variables = steps.init_variables(model, jax.random.key(1, impl="rbg"), image_size)
+        return Teacher(model, variables, num_classes=num_classes)
+    target = steps.variable_shapes(model, image_size)
     variables = load_pretrained(dist.teacher_init)
-    head = variables["params"].get("head", {}).get("kernel")
-    if head is not None and head.shape[-1] != num_classes:
-        raise ValueError(f"teacher {dist.teacher} from {dist.teacher_init} predicts "
-                         f"{head.shape[-1]} classes, the student {num_classes}")
     flat_t, flat_v = (flax.traverse_util.flatten_dict(t) for t in (target, variables))
+    # The head's output width is the class count (DeiT: head/kernel, RegNet: head_fc/kernel).
+    widths = {v.shape[-1] for k, v in flat_v.items() if k[1].startswith("head")
+              and k[-1] == "kernel"}
+    if widths and widths != {num_classes}:
+        raise ValueError(f"teacher {dist.teacher} from {dist.teacher_init} predicts "
+                         f"{sorted(widths)[0]} classes, the student {num_classes}")
     bad = sorted("/".join(k) for k in set(flat_t) ^ set(flat_v)) + sorted(
         "/".join(k) for k in set(flat_t) & set(flat_v) if flat_t[k].shape != flat_v[k].shape)
     if bad:
@@ -115,7 +119,11 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or, with ``eval_only``, evaluates) as ``config`` says; returns the last eval.
+    """Trains (or, with ``eval_only``, evaluates) as ``config`` says.
+
+    Returns the last evaluation (``eval/top1_cls``, ``eval_ema/top1_fused``, ...) with the
+    first and last logged training losses of this invocation (``train/loss_first``,
+    ``train/loss``).
 
     Every check on the config, the data, the teacher and ``init_from`` runs before the first
     step is compiled. Resumes from the latest checkpoint in ``workdir``.
@@ -174,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True)
     if config.eval_only:
-        results = run_eval(jax_utils.replicate(state))
+        results = run_eval(steps.replicate(state))
         writer.write_scalars(0, results)
         writer.flush()
         return results
@@ -188,8 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start_step >= total_steps:
         logging.info("run already finished at step %d", start_step)
 
-    state_r = jax_utils.replicate(state)
-    teacher_vars = jax_utils.replicate(teacher.variables) if teacher.model else None
+    state_r = steps.replicate(state)
+    teacher_vars = steps.replicate(teacher.variables) if teacher.model else None
     p_train_step = jax.pmap(
         functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx, lr_fn=lr_fn,
                           config=config),
@@ -208,6 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
     pending: list[tuple[int, dict]] = []
     results: dict[str, float] = {}
+    train_loss: list[float] = []  # per logging interval, returned with the eval results
     t_interval = time.time()
 
     def flush_metrics(step):
@@ -227,6 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary["images_per_sec"] = len(host) * config.batch_size / elapsed
         summary["epoch"] = step / steps_per_epoch
         writer.write_scalars(step, summary)
+        train_loss.append(summary["loss"])
         pending, t_interval = [], time.time()
 
     for step in range(start_step + 1, total_steps + 1):
@@ -258,4 +268,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
         (checkpoint.epath.Path(workdir) / "DONE").write_text(str(total_steps))
     writer.flush()
+    if train_loss:
+        results.update({"train/loss_first": train_loss[0], "train/loss": train_loss[-1]})
     return results

@@ -1,5 +1,10 @@
 """Force JAX onto the CPU with 8 fake devices before anything imports jax."""
 import os
+import sys
+
+# torch._dynamo (imported by torchvision and timm) imports triton, whose shared library
+# segfaults when loaded after TensorFlow's in one process; CPU tests never need triton.
+sys.modules.setdefault("triton", None)
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (

@@ -1,0 +1,277 @@
+"""Throughput of the real pmapped train / eval step on synthetic, device-resident data.
+
+    python -m deit_jax.benchmark --model=deit_tiny_distilled_patch16_224 --batch_size=32 \
+        --mode=train [--teacher=regnety_160] [--dtype=bfloat16] [--steps=20] [--warmup=3] \
+        [--peak_tflops=989] [--attention_impl=cudnn]
+
+Times exactly the function the trainer runs: ``steps.train_step`` (or ``steps.eval_step``) under
+``jax.pmap(..., axis_name='batch', donate_argnums=(0,))`` over every local device, the recipe of
+``configs.common.base_config()`` (mixup/cutmix, label smoothing, drop path, AdamW, EMA), with a
+randomly initialised teacher when ``--teacher`` is given (hard distillation). The batch is put on
+the devices once, so the figure excludes the input pipeline. The host waits for the devices only
+after the warm-up and after the timed steps, never per step. Prints one JSON line.
+
+FLOPs come from XLA's cost analysis of the compiled per-device program (every op: matmuls and
+convolutions as 2 per multiply-add, plus elementwise work, the optimizer update and, with a
+teacher, the teacher's forward pass), divided by the per-device batch. The teacher's own share is
+reported apart in ``teacher_flops_per_image``.
+
+Imports jax, flax, optax, ml_collections and numpy only (no TensorFlow), so it runs on a bare
+accelerator image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import jax_utils
+
+from configs import common
+from deit_jax import models, optim, steps
+from deit_jax.steps import AXIS
+
+MODES = ("train", "eval")
+
+
+def build_config(model: str, batch_size: int, *, teacher: str = "", distillation: str = "hard",
+                 dtype: str = "float32", attention_impl: str = "", num_classes: int = 1000,
+                 **arch: int) -> ml_collections.ConfigDict:
+    """The full recipe for ``model`` at global ``batch_size``; ``arch`` overrides ``config.model``
+    fields (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``; 0 = default)."""
+    c = common.base_config()
+    c.model.name = model
+    c.model.dtype = dtype
+    c.model.attention_impl = attention_impl
+    for key, value in arch.items():
+        c.model[key] = value
+    c.dataset.name = "synthetic"
+    c.dataset.num_classes = num_classes
+    c.batch_size = batch_size
+    c.eval_batch_size = batch_size
+    if teacher:
+        if distillation not in ("hard", "soft"):
+            raise ValueError(f"distillation must be hard or soft with a teacher, got "
+                             f"{distillation!r}")
+        c.distillation.kind = distillation
+        c.distillation.teacher = teacher
+        c.distillation.teacher_init = "random"  # weights do not change the cost
+        c.distillation.teacher_dtype = dtype
+    else:
+        c.distillation.kind = "none"
+    return c
+
+
+def _cost_flops(compiled) -> float | None:
+    """Total ``flops`` of a compiled executable's cost analysis (None when the backend has none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def _peak_memory_bytes(devices: Sequence[jax.Device]) -> int | None:
+    """Largest ``peak_bytes_in_use`` over ``devices``; None where the backend keeps no stats."""
+    peaks = []
+    for device in devices:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # some backends raise instead of returning None
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def _shard(x: np.ndarray) -> jax.Array:
+    """``[devices, ...]`` host array -> one shard per local device, laid out as pmap expects."""
+    return jax.pmap(lambda a: a)(x)
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, image_size: int, devices: int,
+                    mode: str) -> dict[str, jax.Array]:
+    """A device-resident batch: images ``[devices, per_device, H, W, 3]``, labels (and mask)."""
+    if config.batch_size % devices:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {devices} devices")
+    per_device = config.batch_size // devices
+    rng = np.random.default_rng(config.seed)
+    shape = (devices, per_device)
+    batch = {
+        "image": rng.standard_normal((*shape, image_size, image_size, 3), dtype=np.float32),
+        "label": rng.integers(0, config.dataset.num_classes, shape, dtype=np.int32)}
+    if mode == "eval":
+        batch["mask"] = np.ones(shape, np.float32)
+    return {k: _shard(v) for k, v in batch.items()}
+
+
+def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: int = 10,
+        warmup: int = 2, peak_tflops: float = 0.0) -> dict[str, Any]:
+    """Compiles and times the pmapped step of ``config``; returns the result record.
+
+    Args:
+      config: a ``base_config()``-shaped config (``build_config`` makes one).
+      mode: 'train' (``steps.train_step``) or 'eval' (``steps.eval_step``).
+      steps_timed: steps in the timed region.
+      warmup: steps run (and waited for) after compilation, before timing.
+      peak_tflops: per-device peak for the dtype, for MFU; 0 = no MFU.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if steps_timed < 1 or warmup < 0:
+        raise ValueError("steps must be >= 1 and warmup >= 0")
+    devices = jax.local_devices()
+    n_dev = len(devices)
+    num_classes = config.dataset.num_classes
+    model = models.create_model(config.model.name, **steps.model_overrides(config, num_classes))
+    image_size = steps.image_size_of(model, config)
+    tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=1000)
+    state = steps.create_train_state(config, model, tx, jax.random.key(config.seed), image_size)
+    batch = synthetic_batch(config, image_size, n_dev, mode)
+    per_device = config.batch_size // n_dev
+
+    teacher = steps.Teacher()
+    teacher_flops = None
+    if mode == "train" and config.distillation.kind != "none":
+        t_model = models.create_model(config.distillation.teacher, num_classes=num_classes,
+                                      dtype=jnp.dtype(config.distillation.teacher_dtype))
+        t_vars = steps.init_variables(t_model, jax.random.key(config.seed + 1), image_size)
+        teacher = steps.Teacher(t_model, t_vars, num_classes=num_classes)
+        # The teacher's share of the step: its forward pass alone, on one device's batch.
+        t_images = jnp.zeros((per_device, image_size, image_size, 3), jnp.float32)
+        t_fwd = jax.jit(functools.partial(t_model.apply, train=False)).lower(t_vars, t_images)
+        t_flops = _cost_flops(t_fwd.compile())
+        teacher_flops = None if t_flops is None else t_flops / per_device
+
+    if mode == "train":
+        p_step = jax.pmap(
+            functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx,
+                              lr_fn=lr_fn, config=config),
+            axis_name=AXIS, donate_argnums=(0,))
+        state_r = jax_utils.replicate(state)
+        teacher_vars = jax_utils.replicate(teacher.variables) if teacher.model else None
+        args = (state_r, batch, teacher_vars)
+    else:
+        p_step = jax.pmap(functools.partial(steps.eval_step, model=model), axis_name=AXIS)
+        args = (jax_utils.replicate(state.params), jax_utils.replicate(state.batch_stats), batch)
+    del state
+
+    start = time.perf_counter()
+    compiled = p_step.lower(*args).compile()
+    compile_seconds = time.perf_counter() - start
+    step_flops = _cost_flops(compiled)
+
+    def call(args):
+        if mode == "train":
+            state_r, metrics = compiled(*args)
+            return (state_r, *args[1:]), metrics
+        return args, compiled(*args)
+
+    for _ in range(warmup):
+        args, out = call(args)
+    jax.block_until_ready((args, out) if warmup else args)
+
+    outputs = []
+    load = os.getloadavg()[0]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(steps_timed):
+        args, out = call(args)
+        outputs.append(out)  # eval steps are independent: wait for all of them, once
+    jax.block_until_ready((args, outputs))
+    seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
+
+    images_per_sec = config.batch_size * steps_timed / seconds
+    flops_per_image = None if step_flops is None else step_flops / per_device
+    mfu = None
+    if peak_tflops and flops_per_image is not None:
+        mfu = flops_per_image * images_per_sec / (peak_tflops * 1e12 * n_dev)
+    return {
+        "framework": "jax",
+        "model": config.model.name,
+        "mode": mode,
+        "dtype": config.model.dtype,
+        "teacher": config.distillation.teacher if teacher.model else None,
+        "distillation": config.distillation.kind if mode == "train" else None,
+        "attention_impl": config.model.attention_impl or "xla",
+        "img_size": image_size,
+        "devices": n_dev,
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "batch_size": config.batch_size,
+        "per_device_batch": per_device,
+        "steps": steps_timed,
+        "warmup": warmup,
+        "images_per_sec": images_per_sec,
+        "ms_per_step": 1e3 * seconds / steps_timed,
+        # Host CPU time of all threads: on a shared CPU host, less noisy than wall time.
+        "cpu_seconds_per_step": cpu_seconds / steps_timed,
+        "loadavg_1min": load,
+        "compile_seconds": compile_seconds,
+        "flops_per_image": flops_per_image,
+        "flops_source": "xla_cost_analysis: whole per-device step (incl. teacher forward, "
+                        "mixup, optimizer) / per-device batch",
+        "teacher_flops_per_image": teacher_flops,
+        "peak_tflops": peak_tflops or None,
+        "mfu": mfu,
+        "peak_memory_bytes": _peak_memory_bytes(devices),
+        "jax_version": jax.__version__,
+        "flax_version": flax.__version__,
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m deit_jax.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_tiny_distilled_patch16_224",
+                   choices=models.MODEL_NAMES)
+    p.add_argument("--batch_size", type=int, default=128, help="global, over all local devices")
+    p.add_argument("--mode", default="train", choices=MODES)
+    p.add_argument("--teacher", default="", help="teacher model name (random weights); "
+                   "'' = no teacher, distillation.kind='none'")
+    p.add_argument("--distillation", default="hard", choices=("hard", "soft"),
+                   help="the distillation kind when --teacher is given")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--peak_tflops", type=float, default=0.0,
+                   help="per-device peak TFLOP/s for --dtype (for MFU); 0 = no MFU")
+    p.add_argument("--attention_impl", default="", choices=("", "xla", "cudnn"))
+    p.add_argument("--num_classes", type=int, default=1000)
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        p.add_argument(f"--{key}", type=int, default=0, help="DeiT override; 0 = the model's")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    arch = {k: getattr(a, k) for k in ("img_size", "patch_size", "embed_dim", "depth",
+                                       "num_heads") if getattr(a, k)}
+    if arch and not models.is_deit(a.model):
+        raise SystemExit(f"--{next(iter(arch))} applies to DeiT models only")
+    attention_impl = "" if a.attention_impl == "xla" else a.attention_impl
+    config = build_config(a.model, a.batch_size, teacher=a.teacher, distillation=a.distillation,
+                          dtype=a.dtype, attention_impl=attention_impl,
+                          num_classes=a.num_classes, **arch)
+    config.seed = a.seed
+    result = run(config, mode=a.mode, steps_timed=a.steps, warmup=a.warmup,
+                 peak_tflops=a.peak_tflops)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
