@@ -180,8 +180,9 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     c.aug.re_prob = 0.0
     c.aug.repeated_aug = 1
     # A randomly initialised small CNN: exercises the distillation path, teaches nothing.
-    c.distillation.teacher = "regnety_002"
-    c.distillation.teacher_init = "random"
+    if not c.distillation.teacher.startswith("precomputed:"):
+        c.distillation.teacher = "regnety_002"
+        c.distillation.teacher_init = "random"
     c.batch_size = 32
     c.eval_batch_size = 32
     c.num_epochs = 2.0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
+import threading
 import time
 
 import flax
@@ -15,6 +17,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import jax_utils
+from jax.experimental import multihost_utils
 
 from deit_jax import checkpoint, input_pipeline, losses, models, optim, steps
 from deit_jax.steps import AXIS, Teacher
@@ -116,6 +119,36 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
 
 
 # -------------------------------------------------------------------------------------- loop
+
+
+class PreemptionWatcher:
+    """Says at which step boundary to checkpoint and stop after a SIGTERM.
+
+    TPU VMs and SLURM announce preemption with SIGTERM. With several processes JAX's
+    preemption sync manager (started by ``jax.distributed.initialize``) receives the signal and
+    ``reached_preemption_sync_point`` makes every process agree on the same step without a
+    device sync; a single process uses its own handler.
+    """
+
+    def __init__(self):
+        self._signalled = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: checkpointing at the next step boundary")
+        self._signalled = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._signalled
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -239,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_loss.append(summary["loss"])
         pending, t_interval = [], time.time()
 
+    preemption = PreemptionWatcher()
     for step in range(start_step + 1, total_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state_r, metrics = p_train_step(state_r, next(batches), teacher_vars)
@@ -261,7 +295,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.write_scalars(step, results)
             logging.info("step %d: %s", step, results)
             t_interval = time.time()  # images/s measures training only
+        if preemption.reached(step):
+            flush_metrics(step)
+            if manager.latest_step() != step:
+                save(step)
+            manager.wait_until_finished()
+            writer.flush()
+            logging.warning("preempted: saved step %d in %s; rerun the same command to resume",
+                            step, manager.directory)
+            preemption.close()
+            return results
 
+    preemption.close()
     if not results:
         results = run_eval(state_r)
     manager.wait_until_finished()
