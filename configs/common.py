@@ -64,6 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.download = False
     c.dataset.synthetic_train_size = 0
     c.dataset.synthetic_eval_size = 0
+    # Undecodable files: False = log, count and replace/mask them; True = stop with the path.
+    c.dataset.strict_decoding = False
+    # Extra evaluation sets, TFDS 'name[/config][:split]', comma-separated, e.g.
+    # 'imagenet_v2/matched-frequency:test,imagenet2012_real:validation'.
+    c.dataset.extra_eval = ""
 
     c.aug = ml_collections.ConfigDict()
     c.aug.scale = (0.08, 1.0)

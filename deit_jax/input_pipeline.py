@@ -1,4 +1,4 @@
-"""Input pipeline: random-access sources, the epoch index plan, tf.data transforms, batching.
+"""Input pipeline: the epoch index plan, per-process split, tf.data transforms, batching.
 
 Every training batch is a pure function of ``(seed, step)``: the order of an epoch comes from
 a seeded permutation (with the official RASampler's repeats), and each example's augmentation
@@ -7,187 +7,108 @@ sees exactly the batches an uninterrupted run sees, without reading the first k 
 
 Batches are dicts of numpy arrays shaped ``[local_devices, per_device, ...]``:
 ``image`` float32 ``[..., H, W, 3]`` (normalised), ``label`` int32, ``index`` int64 (example
-id in the split) and, for evaluation, ``mask`` (1 for real examples, 0 for padding).
+id in the split) and, for evaluation, ``mask`` (1 for real examples, 0 for padding or an
+undecodable file) plus the source's extra fields (ReaL's ``real_label``).
+
+Corrupt files never stop a run (unless ``dataset.strict_decoding``): each example is decoded
+in a one-element dataset whose errors are dropped, falling back deterministically to the next
+example of the split (training) or to a masked placeholder (evaluation). The host logs every
+bad file once and counts them in ``Batches.errors``. Sources live in ``data_sources``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import math
 import os
+import re
 from collections.abc import Iterator
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from deit_jax import augment
+from deit_jax.data_sources import (  # noqa: F401 - re-exported: train.py reads them from here
+    DataError,
+    Source,
+    fashion_mnist,
+    get_extra_eval_sources,
+    get_source,
+    image_folder,
+    image_folder_classes,
+    load_example,
+    synthetic,
+    tfds_source,
+)
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Training: how many examples (the planned one, then the next ones in the split) are tried
+# before a run gives up. Several consecutive bad files mean unreadable storage, not a few
+# corrupt JPEGs, and training on would be training on nothing.
+TRAIN_DECODE_ATTEMPTS = 8
+# Decodes in flight; tf.data's autotuner picks the parallelism up to this.
+_CYCLE = max(8, os.cpu_count() or 1)
+
+
+class CorruptImageError(DataError):
+    """An undecodable example under ``dataset.strict_decoding``."""
 
 
 @dataclasses.dataclass
-class Source:
-    """A random-access split: ``load(index) -> (uint8 [H, W, 3] image, int32 label)`` in tf."""
+class DecodeErrors:
+    """Undecodable examples met so far: ``count`` occurrences (each repeat and epoch counts),
+    ``files`` {index: where} of the distinct ones."""
 
-    name: str
-    num_examples: int
-    num_classes: int
-    load: callable
-    class_names: tuple[str, ...] = ()
+    split: str
+    count: int = 0
+    files: dict[int, str] = dataclasses.field(default_factory=dict)
 
-
-def _array_source(name: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> Source:
-    images_t, labels_t = tf.constant(images), tf.constant(labels.astype(np.int32))
-
-    def load(index):
-        image = tf.gather(images_t, index)
-        if image.shape[-1] == 1:  # grayscale -> 3 channels, so every model sees RGB
-            image = tf.repeat(image, 3, axis=-1)
-        return image, tf.gather(labels_t, index)
-
-    return Source(name, len(labels), num_classes, load)
-
-
-def _read_idx(path: str) -> np.ndarray:
-    # The Debian package's gzip headers differ from upstream's (TFDS's checksums reject them);
-    # the payload is the same idx format.
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = np.frombuffer(data, ">i4", count=ndim, offset=4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def fashion_mnist(split: str, data_dir: str | None = None, download: bool = False) -> Source:
-    """Fashion-MNIST from the idx files of Debian's ``dataset-fashion-mnist`` (offline)."""
-    data_dir = data_dir or FASHION_MNIST_DIR
-    prefix = "train" if split == "train" else "t10k"
-    image_file = os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz")
-    label_file = os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz")
-    if os.path.exists(image_file) and os.path.exists(label_file):
-        images, labels = _read_idx(image_file)[..., None], _read_idx(label_file)
-    elif download:
-        import tensorflow_datasets as tfds
-
-        ds = tfds.as_numpy(tfds.load("fashion_mnist", split="train" if split == "train"
-                                     else "test", batch_size=-1))
-        images, labels = ds["image"], ds["label"]
-    else:
-        raise FileNotFoundError(
-            f"Fashion-MNIST not found in {data_dir}. Install it offline with "
-            "`sudo apt-get install dataset-fashion-mnist`, point --config.dataset.data_dir at "
-            "a folder holding the idx .gz files, or allow the TFDS download with "
-            "--config.dataset.download=True")
-    return _array_source("fashion_mnist", images, labels, 10)
+    def record(self, source: Source, index: int, replacement: int, *, strict: bool,
+               train: bool) -> None:
+        self.count += 1
+        if index in self.files and not strict:
+            return
+        where = source.where(index)
+        reason = _decode_error(source, index)
+        if strict:
+            raise CorruptImageError(
+                f"undecodable {self.split} example {where} ({reason}); dataset.strict_decoding="
+                "True stops here; fix or delete the file, or set "
+                "--config.dataset.strict_decoding=False to skip such files (logged, counted)")
+        if train and replacement < 0:
+            raise DataError(
+                f"{TRAIN_DECODE_ATTEMPTS} consecutive {self.split} examples from {where} on "
+                f"fail to decode ({reason}): the data looks unreadable (storage, permissions), "
+                "not just a few corrupt files")
+        self.files[index] = where
+        instead = (f"replaced by example {source.where(replacement)}" if replacement >= 0
+                   else "left out of the metrics (mask 0)")
+        logging.warning("undecodable %s example %s (%s): %s; %d bad files so far", self.split,
+                        where, reason, instead, len(self.files))
 
 
-def synthetic(split: str, num_examples: int, num_classes: int, image_size: int) -> Source:
-    """A small learnable synthetic set (tests, benchmarks): the class sets a bright patch."""
-    rng = np.random.RandomState(0 if split == "train" else 1)
-    labels = np.arange(num_examples) % num_classes
-    rng.shuffle(labels)
-    images = rng.randint(0, 96, (num_examples, image_size, image_size, 3)).astype(np.uint8)
-    side = max(image_size // 4, 1)
-    for i, label in enumerate(labels):
-        y, x = divmod(int(label) % 16, 4)
-        images[i, y * side:(y + 1) * side, x * side:(x + 1) * side, label % 3] = 255
-    return _array_source("synthetic", images, labels, num_classes)
-
-
-def image_folder_classes(root: str) -> tuple[str, ...]:
-    """Class folder names sorted as torchvision's ImageFolder sorts them."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"no class folders in {root} (expected root/<class>/*.jpg)")
-    return tuple(classes)
-
-
-def image_folder(root: str, classes: tuple[str, ...] | None = None) -> Source:
-    """``root/<class>/**/*.jpg|png``, classes and files ordered as torchvision's ImageFolder."""
-    found = image_folder_classes(root)
-    if classes is not None and set(found) - set(classes):
-        raise ValueError(f"{root} has classes not in the training set: "
-                         f"{sorted(set(found) - set(classes))[:10]}")
-    classes = classes or found
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        class_dir = os.path.join(root, name)
-        files = []
-        if os.path.isdir(class_dir):
-            for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
-                files += [os.path.join(dirpath, f) for f in sorted(fnames)
-                          if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not files and found is classes:
-            raise FileNotFoundError(f"class folder {class_dir} has no images ({IMAGE_EXTENSIONS})")
-        paths += files
-        labels += [label] * len(files)
-    paths_t, labels_t = tf.constant(paths), tf.constant(np.asarray(labels, np.int32))
-
-    def load(index):
-        data = tf.io.read_file(tf.gather(paths_t, index))
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return tf.ensure_shape(image, [None, None, 3]), tf.gather(labels_t, index)
-
-    return Source(os.path.basename(root.rstrip("/")), len(paths), len(classes), load, classes)
-
-
-def tfds_source(name: str, split: str, data_dir: str | None) -> Source:
-    """A prepared TFDS dataset read by random access (ArrayRecord format)."""
-    import tensorflow_datasets as tfds
-
+def _decode_error(source: Source, index: int) -> str:
+    """Why example ``index`` fails, from a second, eager load on the host (rare path)."""
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # noqa: BLE001 - TFDS raises several types for unknown names
-        raise ValueError(f"TFDS does not know dataset {name!r}: {e}") from e
-    if not builder.is_prepared():
-        raise FileNotFoundError(
-            f"TFDS dataset {name} is not prepared in {builder.data_dir}. Prepare it first "
-            f"(`tfds build {name} --data_dir=DIR --file_format=array_record`; ImageNet needs "
-            "the manual download in DIR/downloads/manual) and pass --config.dataset.data_dir")
-    try:
-        source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
-    except NotImplementedError as e:
-        raise ValueError(
-            f"{name} in {builder.data_dir} is stored as {builder.info.file_format}; random "
-            "access (deterministic, resumable order) needs ArrayRecord: re-prepare with "
-            "`--file_format=array_record`") from e
-    num_classes = builder.info.features["label"].num_classes
-
-    def fetch(index):
-        record = source[int(index)]
-        return record["image"], np.int32(record["label"])
-
-    def load(index):
-        data, label = tf.numpy_function(fetch, [index], [tf.string, tf.int32])
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(label, [])
-
-    return Source(name, len(source), num_classes, load)
+        load_example(source, tf.constant(index, tf.int64))
+    except Exception as e:  # noqa: BLE001 - any failure is the reason we report
+        # TF's messages wrap the reason in op and device names: keep the reason.
+        text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]|\bname: ?$", "", str(e).splitlines()[0])
+        return f"{type(e).__name__}: {text.strip()}"[:300]
+    return "a transient read error (it decodes now)"
 
 
-def get_source(config: ml_collections.ConfigDict, split: str, image_size: int) -> Source:
-    """The source of ``split`` ('train' or 'eval') as ``config.dataset`` describes it."""
-    ds = config.dataset
-    if ds.name == "fashion_mnist":
-        return fashion_mnist(split, ds.data_dir or None, ds.download)
-    if ds.name == "synthetic":
-        n = ds.synthetic_train_size if split == "train" else ds.synthetic_eval_size
-        return synthetic(split, n, ds.num_classes, image_size)
-    if ds.name == "imagefolder":
-        if not ds.data_dir:
-            raise ValueError("dataset.name='imagefolder' needs --config.dataset.data_dir=ROOT "
-                             "(with ROOT/train/<class>/ and ROOT/val/<class>/)")
-        train_classes = image_folder_classes(os.path.join(ds.data_dir, "train"))
-        sub = "train" if split == "train" else "val"
-        return image_folder(os.path.join(ds.data_dir, sub), train_classes)
-    return tfds_source(ds.name, ds.train_split if split == "train" else ds.eval_split,
-                       ds.data_dir or None)
+class Batches(Iterator[dict]):
+    """The batch iterator; ``errors`` (:class:`DecodeErrors`) counts undecodable examples."""
+
+    def __init__(self, iterator: Iterator[dict], errors: DecodeErrors):
+        self._iterator = iterator
+        self.errors = errors
+
+    def __next__(self) -> dict:
+        return next(self._iterator)
 
 
 def epoch_plan(num_examples: int, epoch: int, seed: int, *, num_replicas: int,
@@ -246,27 +167,87 @@ def _reshape_for_devices(batch: dict, local_devices: int) -> dict:
     return {k: v.reshape(local_devices, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    # One thread per element, parallelism across elements: the cheapest way to fill the
+    # cores with small per-image ops (and what keeps JAX's host threads responsive).
+    options.threading.max_intra_op_parallelism = 1
+    options.experimental_optimization.map_parallelization = True
+    options.experimental_optimization.inject_prefetch = True
+    return options
+
+
+def _decode_with_fallback(source: Source, attempts: int):
+    """``index -> one-element dataset`` of the first of ``index, index + 1, ...`` (``attempts``
+    of them) that loads, as ``load_example``'s dict plus ``loaded`` (the index used; -1 with
+    a placeholder image when none loads).
+
+    Graph-mode errors cannot be caught with try/except; ``ignore_errors`` on a dataset of one
+    example turns a failure into an empty dataset, and the concatenation moves on. Only the
+    attempts needed are ever run.
+    """
+    placeholder = {"image": tf.zeros([16, 16, 3], tf.uint8), "label": tf.constant(0, tf.int32),
+                   **{k: tf.constant(v) for k, v in source.extras.items()},
+                   "loaded": tf.constant(-1, tf.int64)}
+    n = source.num_examples
+
+    def attempt(index):
+        one = tf.data.Dataset.from_tensors(index)
+        return one.map(lambda i: {**load_example(source, i), "loaded": i}).ignore_errors()
+
+    def first_loadable(index):
+        ds = attempt(index)
+        for k in range(1, attempts):
+            ds = ds.concatenate(attempt((index + k) % n))
+        return ds.concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1)
+
+    return first_loadable
+
+
+def _decoded(ds: tf.data.Dataset, source: Source, attempts: int) -> tf.data.Dataset:
+    """Adds the decoded example (see ``_decode_with_fallback``) to each element, in order."""
+    first_loadable = _decode_with_fallback(source, attempts)
+
+    def expand(element):
+        return first_loadable(element["index"]).map(lambda example: {**element, **example})
+
+    return ds.interleave(expand, cycle_length=_CYCLE, block_length=1,
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _strict(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.dataset.get("strict_decoding", False))
+
+
 def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Layout, *,
-                  image_size: int, start_step: int = 0) -> Iterator[dict]:
-    """Endless training batches for this process, starting at global step ``start_step``."""
+                  image_size: int, start_step: int = 0) -> Batches:
+    """Endless training batches for this process, starting at global step ``start_step``.
+
+    Yields ``image`` float32 [local_devices, per_device, image_size, image_size, 3],
+    ``label`` int32 and ``index`` int64 [local_devices, per_device]. An undecodable example
+    is replaced by the next loadable one of the split (same augmentation seed), logged and
+    counted in the returned iterator's ``errors``; ``dataset.strict_decoding`` raises instead.
+    """
     aug = config.aug
     num_replicas = layout.process_count * layout.local_devices
     n_steps = steps_per_epoch(source.num_examples, layout.global_batch)
     if n_steps == 0:
-        raise ValueError(f"{source.num_examples} training examples give no full batch of "
-                         f"{layout.global_batch}; lower batch_size")
+        raise DataError(f"{source.num_examples} training examples give no full batch of "
+                        f"{layout.global_batch}; lower batch_size")
     first = layout.process_index * layout.local_devices
     scale, ratio = tuple(aug.scale), tuple(aug.ratio)
+    strict = _strict(config)
 
-    def transform(index, epoch, position):
-        image, label = source.load(index)
-        seed = _per_example_seed(config.seed, epoch, position)
+    def transform(element):
+        seed = _per_example_seed(config.seed, element["epoch"], element["position"])
         image = augment.train_transform(
-            image, seed, img_size=image_size, scale=scale, ratio=ratio, hflip=aug.hflip,
-            auto_augment=aug.auto_augment or None, color_jitter=aug.color_jitter,
-            re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count,
-            interpolation=aug.interpolation)
-        return {"image": image, "label": label, "index": tf.cast(index, tf.int64)}
+            element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
+            hflip=aug.hflip, auto_augment=aug.auto_augment or None,
+            color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
+            re_count=aug.re_count, interpolation=aug.interpolation)
+        return {"image": image, "label": element["label"], "index": element["index"],
+                "loaded": element["loaded"]}
 
     def epoch_arrays(epoch: int):
         """(index, epoch, position) of this process's examples, in batch order."""
@@ -280,9 +261,10 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
         # Position in the epoch's global stream: distinct for every sample, repeats included.
         positions = (rows[:, None] * plan.shape[1] + np.arange(n)).reshape(order.shape)
         order, positions = (np.moveaxis(a, 1, 0).reshape(-1) for a in (order, positions))
-        skip = (start_step - epoch * n_steps) * layout.host_batch
-        skip = max(skip, 0)
-        return order[skip:], np.full(len(order) - skip, epoch), positions[skip:]
+        skip = max((start_step - epoch * n_steps) * layout.host_batch, 0)
+        return {"index": order[skip:].astype(np.int64),
+                "epoch": np.full(len(order) - skip, epoch, np.int64),
+                "position": positions[skip:].astype(np.int64)}
 
     def epochs():
         epoch = start_step // n_steps
@@ -290,12 +272,25 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
             yield epoch_arrays(epoch)
             epoch += 1
 
-    spec = tf.TensorSpec([None], tf.int64)
-    ds = tf.data.Dataset.from_generator(epochs, output_signature=(spec, spec, spec)).unbatch()
+    spec = {k: tf.TensorSpec([None], tf.int64) for k in ("index", "epoch", "position")}
+    ds = tf.data.Dataset.from_generator(epochs, output_signature=spec).unbatch()
+    ds = _decoded(ds, source, 1 if strict else TRAIN_DECODE_ATTEMPTS)
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(layout.host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    for batch in ds.as_numpy_iterator():
-        yield _reshape_for_devices(batch, layout.local_devices)
+    ds = ds.with_options(_options())
+    errors = DecodeErrors("train")
+
+    def checked():
+        for batch in ds.as_numpy_iterator():
+            loaded = batch.pop("loaded")
+            for i in np.flatnonzero(loaded != batch["index"]):
+                errors.record(source, int(batch["index"][i]), int(loaded[i]), strict=strict,
+                              train=True)
+            # The id of the example really in the batch: precomputed teacher logits join on it.
+            batch["index"] = loaded
+            yield _reshape_for_devices(batch, layout.local_devices)
+
+    return Batches(checked(), errors)
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -304,11 +299,13 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
 
 
 def eval_batches(config: ml_collections.ConfigDict, source: Source, layout: Layout, *,
-                 image_size: int, batch_size: int | None = None) -> Iterator[dict]:
+                 image_size: int, batch_size: int | None = None) -> Batches:
     """One pass over the split: every example exactly once across processes, padded + masked.
 
     Every process yields the same number of batches (collectives need that); padding rows
-    repeat example 0 and carry ``mask == 0``.
+    repeat example 0 and carry ``mask == 0``, as do undecodable examples (logged, counted in
+    the returned iterator's ``errors``; ``dataset.strict_decoding`` raises instead). Extra
+    fields of the source (``real_label``) come along.
     """
     global_batch = batch_size or layout.global_batch
     host_batch = global_batch // layout.process_count
@@ -320,15 +317,27 @@ def eval_batches(config: ml_collections.ConfigDict, source: Source, layout: Layo
                                                                      np.float32)])
     indices = np.concatenate([mine, np.zeros(padded - len(mine), np.int64)])
     crop_ratio = config.aug.eval_crop_ratio
+    strict = _strict(config)
 
-    def transform(index, mask):
-        image, label = source.load(index)
-        image = augment.eval_transform(image, img_size=image_size, crop_ratio=crop_ratio,
+    def transform(element):
+        image = augment.eval_transform(element["image"], img_size=image_size,
+                                       crop_ratio=crop_ratio,
                                        interpolation=config.aug.interpolation)
-        return {"image": image, "label": label, "index": index, "mask": mask}
+        return {**element, "image": image}
 
-    ds = tf.data.Dataset.from_tensor_slices((indices, mask))
+    ds = tf.data.Dataset.from_tensor_slices({"index": indices.astype(np.int64), "mask": mask})
+    ds = _decoded(ds, source, 1)
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(host_batch).prefetch(tf.data.AUTOTUNE)
-    for batch in ds.as_numpy_iterator():
-        yield _reshape_for_devices(batch, layout.local_devices)
+    ds = ds.batch(host_batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
+    errors = DecodeErrors("eval")
+
+    def checked():
+        for batch in ds.as_numpy_iterator():
+            loaded = batch.pop("loaded")
+            bad = (loaded < 0) & (batch["mask"] > 0)
+            for i in np.flatnonzero(bad):
+                errors.record(source, int(batch["index"][i]), -1, strict=strict, train=False)
+            batch["mask"] = np.where(loaded < 0, 0.0, batch["mask"]).astype(np.float32)
+            yield _reshape_for_devices(batch, layout.local_devices)
+
+    return Batches(checked(), errors)

@@ -206,6 +206,16 @@ def eval_step(params: Any, batch_stats: Any, batch: dict, *, model: nn.Module) -
         top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
         counts[f"top1_{head}"] = ((top5[:, 0] == labels) * mask).sum()
         counts[f"top5_{head}"] = ((top5 == labels[:, None]).any(-1) * mask).sum()
+    if "real_label" in batch:
+        # ImageNet-ReaL: correct if the prediction is in the example's label set; examples
+        # with an empty set are skipped, as in the ReaL paper.
+        real = batch["real_label"].astype(jnp.float32)  # [batch, classes] multi-hot
+        has_real = (real.sum(-1) > 0) * mask
+        counts["count_real"] = has_real.sum()
+        for head, logits in outputs.items():
+            top1 = jax.lax.top_k(logits, 1)[1]
+            counts[f"top1_real_{head}"] = (
+                jnp.take_along_axis(real, top1, -1)[:, 0] * has_real).sum()
     return jax.lax.psum(counts, AXIS)  # exact totals: the host only adds across batches
 
 
@@ -217,4 +227,8 @@ def evaluate(p_eval_step, params, batch_stats, batches) -> dict[str, float]:
         totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
     totals = jax.tree.map(lambda x: float(x[0]), jax.device_get(totals))
     count = totals.pop("count")
-    return {"count": count, **{k: 100.0 * v / count for k, v in totals.items()}}
+    count_real = totals.pop("count_real", None)
+    out = {"count": count, **({"count_real": count_real} if count_real is not None else {})}
+    out.update({k: 100.0 * v / (count_real if "_real_" in k else count)
+                for k, v in totals.items()})
+    return out

@@ -19,7 +19,7 @@ from clu import metric_writers, periodic_actions
 from flax import jax_utils
 from jax.experimental import multihost_utils
 
-from deit_jax import checkpoint, input_pipeline, losses, models, optim, steps
+from deit_jax import checkpoint, input_pipeline, losses, models, optim, steps, teacher_logits
 from deit_jax.steps import AXIS, Teacher
 
 # ------------------------------------------------------------------------------ setup checks
@@ -76,8 +76,12 @@ def adapt_pretrained(pretrained: dict, target: dict, model: nn.Module) -> dict:
 
 
 def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_classes: int,
-                  image_size: int) -> Teacher:
-    """Checks the distillation setup and loads the teacher before any training starts."""
+                  image_size: int, num_examples: int | None = None) -> Teacher:
+    """Checks the distillation setup and loads the teacher before any training starts.
+
+    ``num_examples`` (the training split's size) is needed for a precomputed teacher, whose
+    store is validated here against the run's dataset, split, classes and example ids.
+    """
     dist = config.distillation
     if dist.kind not in losses.DISTILLATION_KINDS:
         raise ValueError(f"distillation.kind must be one of {losses.DISTILLATION_KINDS}")
@@ -87,8 +91,12 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
         raise ValueError(f"distillation.kind={dist.kind!r} needs a distilled student (one with a "
                          f"dist token); {config.model.name} has none: use the *_distilled_* name")
     if dist.teacher.startswith("precomputed:"):
-        directory = dist.teacher.split(":", 1)[1]
-        raise NotImplementedError(f"precomputed teacher logits ({directory}) are not built yet")
+        if num_examples is None:
+            raise ValueError("a precomputed teacher is checked against the training split: "
+                             "pass build_teacher(..., num_examples=train_source.num_examples)")
+        store = teacher_logits.open_for_training(config, num_classes=num_classes,
+                                                 num_examples=num_examples)
+        return Teacher(precomputed_dir=store.directory, num_classes=num_classes)
     if not dist.teacher_init:
         raise ValueError(f"distillation.kind={dist.kind!r} needs a teacher checkpoint: set "
                          "--config.distillation.teacher_init=DIR (a converted checkpoint or a "
@@ -174,8 +182,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.dataset.num_classes and config.dataset.num_classes != num_classes:
         raise ValueError(f"config.dataset.num_classes={config.dataset.num_classes} but "
                          f"{train_source.name} has {num_classes} classes")
+    extra_eval = input_pipeline.get_extra_eval_sources(config, num_classes)
     model = models.create_model(config.model.name, **steps.model_overrides(config, num_classes))
-    teacher = build_teacher(config, model, num_classes, image_size)
+    teacher = build_teacher(config, model, num_classes, image_size,
+                            num_examples=train_source.num_examples)
 
     steps_per_epoch = input_pipeline.steps_per_epoch(train_source.num_examples, config.batch_size)
     if steps_per_epoch == 0:
@@ -205,11 +215,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.ema.enabled and not config.eval_only:
             weights["eval_ema"] = state_r.ema_params
         for prefix, params in weights.items():
-            batches = input_pipeline.eval_batches(config, eval_source, layout,
-                                                  image_size=image_size,
-                                                  batch_size=config.eval_batch_size)
-            for k, v in steps.evaluate(p_eval_step, params, state_r.batch_stats, batches).items():
-                results[f"{prefix}/{k}"] = v
+            for name, source in {"": eval_source, **extra_eval}.items():
+                key = f"{prefix}_{name}" if name else prefix
+                batches = input_pipeline.eval_batches(config, source, layout,
+                                                      image_size=image_size,
+                                                      batch_size=config.eval_batch_size)
+                for k, v in steps.evaluate(p_eval_step, params, state_r.batch_stats,
+                                           batches).items():
+                    results[f"{key}/{k}"] = v
+                if batches.errors.count:
+                    results[f"{key}/undecodable"] = batches.errors.count
         return results
 
     writer = metric_writers.create_default_writer(
@@ -235,8 +250,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx, lr_fn=lr_fn,
                           config=config),
         axis_name=AXIS, donate_argnums=(0,))
-    batches = input_pipeline.train_batches(config, train_source, layout, image_size=image_size,
-                                           start_step=start_step)
+    train_iter = input_pipeline.train_batches(config, train_source, layout,
+                                              image_size=image_size, start_step=start_step)
+    batches = train_iter
+    if teacher.precomputed_dir:
+        # Joined by example id on the host, before the copy to the devices.
+        store = teacher_logits.open_for_training(config, num_classes=num_classes,
+                                                 num_examples=train_source.num_examples)
+        batches = teacher_logits.attach(batches, store)
     batches = jax_utils.prefetch_to_device(batches, 2)
 
     def save(step):
@@ -267,6 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         elapsed = time.time() - t_interval
         summary = {k: float(np.mean([m[k][0] for m in host])) for k in host[0]}
         summary["images_per_sec"] = len(host) * config.batch_size / elapsed
+        summary["undecodable_examples"] = train_iter.errors.count
         summary["epoch"] = step / steps_per_epoch
         writer.write_scalars(step, summary)
         train_loss.append(summary["loss"])
