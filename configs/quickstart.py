@@ -13,7 +13,8 @@ fused output. Each stage alone:
 
 The recipe is DeiT's, scaled down: AdamW, warmup + cosine, label smoothing, EMA; lighter
 augmentation (crops keep most of a 28px image; no RandAugment, mixup or erasing) for a run of a
-few epochs. Expected (2 CPU cores): teacher ~90%, student fused ~85-88% top-1.
+few epochs (teacher 1, student 2). Measured on 2 CPU cores (CI machine, 2026-11-28): teacher
+75.9%, student cls 72.8% / dist 73.1% / fused 73.1% top-1; 157 s + 268 s.
 """
 
 from configs import common

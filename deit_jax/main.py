@@ -46,16 +46,7 @@ def initialize_distributed(mode: str, coordinator: str | None, num_processes: in
                                process_id=process_id)
 
 
-class _QuietLibraries:
-    """Drops INFO chatter from Orbax/TFDS internals (one line per file written) from the log."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or not any(
-            part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
-
-
 def main(argv):
-    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
@@ -65,6 +56,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     from deit_jax import train
 
+    train.quiet_library_logs()
     logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)

@@ -14,7 +14,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/quickstart", "Where both runs write.")
@@ -29,6 +29,8 @@ def run(workdir: str, teacher_epochs: float = 0.0, student_epochs: float = 0.0) 
     tf.config.set_visible_devices([], "GPU")
     from configs import quickstart
     from deit_jax import train
+
+    train.quiet_library_logs()
 
     teacher_dir = os.path.join(workdir, "teacher")
     t0 = time.time()
@@ -54,11 +56,13 @@ def format_table(results: dict) -> str:
              student.get("eval_ema/top1_dist")),
             ("student DeiT, fused (cls+dist)/2", student["eval/top1_fused"],
              student.get("eval_ema/top1_fused"))]
+    with_ema = any(ema is not None for _, _, ema in rows)
     lines = ["Fashion-MNIST test top-1 (10,000 images; chance 10%)",
-             f"| {'model':<34} | top-1 | EMA top-1 |", f"|{'-' * 36}|-------|-----------|"]
+             f"| {'model':<34} | top-1 |" + (" EMA top-1 |" if with_ema else ""),
+             f"|{'-' * 36}|-------|" + ("-----------|" if with_ema else "")]
     for name, top1, ema in rows:
-        ema_s = f"{ema:9.2f}" if ema is not None else " " * 9
-        lines.append(f"| {name:<34} | {top1:5.2f} | {ema_s} |")
+        ema_s = (f" {ema:9.2f} |" if ema is not None else " " * 10 + " |") if with_ema else ""
+        lines.append(f"| {name:<34} | {top1:5.2f} |{ema_s}")
     lines.append(f"teacher {results['teacher_seconds']:.0f}s, student "
                  f"{results['student_seconds']:.0f}s")
     return "\n".join(lines)
@@ -67,9 +71,7 @@ def format_table(results: dict) -> str:
 def main(argv):
     del argv
     results = run(FLAGS.workdir, FLAGS.teacher_epochs, FLAGS.student_epochs)
-    table = format_table(results)
-    logging.info("\n%s", table)
-    print(table, flush=True)
+    print(format_table(results), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,18 @@ from jax.experimental import multihost_utils
 from deit_jax import checkpoint, input_pipeline, losses, models, optim, steps, teacher_logits
 from deit_jax.steps import AXIS, Teacher
 
+
+def quiet_library_logs() -> None:
+    """Drops INFO chatter of Orbax/TFDS internals (lines per file written) from the absl log."""
+
+    class _Filter:
+        def filter(self, record) -> bool:
+            return record.levelno >= 30 or not any(
+                part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+
+    logging.get_absl_handler().addFilter(_Filter())
+
+
 # ------------------------------------------------------------------------------ setup checks
 
 
