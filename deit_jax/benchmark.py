@@ -148,7 +148,7 @@ def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: 
         t_model = models.create_model(config.distillation.teacher, num_classes=num_classes,
                                       dtype=jnp.dtype(config.distillation.teacher_dtype))
         t_vars = steps.init_variables(t_model, jax.random.key(config.seed + 1), image_size)
-        teacher = steps.Teacher(t_model, t_vars, num_classes=num_classes)
+        teacher = steps.Teacher(t_model, t_vars)
         # The teacher's share of the step: its forward pass alone, on one device's batch.
         t_images = jnp.zeros((per_device, image_size, image_size, 3), jnp.float32)
         t_fwd = jax.jit(functools.partial(t_model.apply, train=False)).lower(t_vars, t_images)

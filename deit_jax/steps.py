@@ -43,7 +43,7 @@ class Teacher:
     model: nn.Module | None = None
     variables: Any = None  # host copy; replicated once by the loop
     precomputed_dir: str = ""
-    num_classes: int = 0
+    store: Any = None  # the opened TeacherLogitsStore (host side) when precomputed
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -182,7 +182,7 @@ def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.M
     params = optax.apply_updates(state.params, updates)
     ema = (optim.ema_update(state.ema_params, params, config.ema.decay) if config.ema.enabled
            else state.ema_params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     metrics = jax.lax.pmean(metrics, AXIS)
     metrics["lr"] = lr_fn(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

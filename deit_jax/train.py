@@ -108,7 +108,7 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
                              "pass build_teacher(..., num_examples=train_source.num_examples)")
         store = teacher_logits.open_for_training(config, num_classes=num_classes,
                                                  num_examples=num_examples)
-        return Teacher(precomputed_dir=store.directory, num_classes=num_classes)
+        return Teacher(precomputed_dir=store.directory, store=store)
     if not dist.teacher_init:
         raise ValueError(f"distillation.kind={dist.kind!r} needs a teacher checkpoint: set "
                          "--config.distillation.teacher_init=DIR (a converted checkpoint or a "
@@ -120,7 +120,7 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
                         dist.teacher)
         # rbg keys: XLA on the CPU compiles threefry-heavy initialisers very slowly.
         variables = steps.init_variables(model, jax.random.key(1, impl="rbg"), image_size)
-        return Teacher(model, variables, num_classes=num_classes)
+        return Teacher(model, variables)
     target = steps.variable_shapes(model, image_size)
     variables = load_pretrained(dist.teacher_init)
     flat_t, flat_v = (flax.traverse_util.flatten_dict(t) for t in (target, variables))
@@ -135,7 +135,7 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
     if bad:
         raise ValueError(f"teacher checkpoint {dist.teacher_init} does not fit {dist.teacher}: "
                          f"{bad[:10]}")
-    return Teacher(model, variables, num_classes=num_classes)
+    return Teacher(model, variables)
 
 
 # -------------------------------------------------------------------------------------- loop
@@ -267,9 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batches = train_iter
     if teacher.precomputed_dir:
         # Joined by example id on the host, before the copy to the devices.
-        store = teacher_logits.open_for_training(config, num_classes=num_classes,
-                                                 num_examples=train_source.num_examples)
-        batches = teacher_logits.attach(batches, store)
+        batches = teacher_logits.attach(batches, teacher.store)
     batches = jax_utils.prefetch_to_device(batches, 2)
 
     def save(step):

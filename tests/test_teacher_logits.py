@@ -254,7 +254,7 @@ def test_precomputed_step_equals_on_the_fly_step_on_the_same_views(store_dir, te
     _, fly = p_train_step(teacher)(
         state, {k: v for k, v in batch.items() if k != "teacher_logits"},
         jax_utils.replicate(teacher.variables))
-    p_pre = p_train_step(Teacher(precomputed_dir=str(store_dir), num_classes=10))
+    p_pre = p_train_step(Teacher(precomputed_dir=str(store_dir)))
     _, pre = p_pre(state, batch, None)
     loss_fly, loss_pre = float(fly["loss"][0]), float(pre["loss"][0])
     # What differs: float16 storage of the teacher's logits (relative 2^-11) and the
