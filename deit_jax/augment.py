@@ -142,8 +142,54 @@ def random_resized_crop(image, seed, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4
     shape = tf.shape(image)
     top, left, h, w = random_resized_crop_params(
         seed, shape[0], shape[1], scale=scale, ratio=ratio)
+    return _crop_resize(image, top, left, h, w, size, method)
+
+
+def _crop_resize(image, top, left, h, w, size, method):
     crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, -1]))
     return tf.ensure_shape(_resize(crop, size, size, method), [size, size, 3])
+
+
+def crop_flip_params(crop_seed, flip_seed, height, width, *, scale=(0.08, 1.0),
+                     ratio=(3 / 4, 4 / 3), hflip=0.5):
+    """One RandomResizedCrop + horizontal-flip draw as a view: int32 [5] = (top, left,
+    height, width, flip), flip 1 with probability `hflip`."""
+    top, left, h, w = random_resized_crop_params(crop_seed, height, width, scale=scale,
+                                                 ratio=ratio)
+    flip = (tf.cast(_uniform(flip_seed) < hflip, tf.int32) if hflip > 0
+            else tf.constant(0, tf.int32))
+    return tf.stack([top, left, h, w, flip])
+
+
+def crop_flip(image_uint8, crop, *, size, method='bicubic'):
+    """Applies a view `crop` (int32 [5], see `crop_flip_params`): crop, resize to
+    size x size as PIL does, mirror when flip is 1. Returns uint8 [size, size, 3]."""
+    crop = tf.cast(crop, tf.int32)
+    image = _crop_resize(image_uint8, crop[0], crop[1], crop[2], crop[3], size, method)
+    image = tf.cast(image, tf.uint8)  # already rounded to integers in [0, 255]
+    return tf.where(crop[4] > 0, image[:, ::-1], image)
+
+
+def crop_views(image_uint8, seed, *, views, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+               hflip=0.5, interpolation='bicubic'):
+    """`views` independent crop + flip views of one image, as `train_transform` makes them
+    before its photometric part (precomputed teacher logits per view, FKD-style).
+
+    Args:
+      image_uint8: uint8 [height, width, 3].
+      seed: int [2].
+    Returns:
+      (images float32 [views, img_size, img_size, 3] normalised, crops int32 [views, 5]).
+    """
+    shape = tf.shape(image_uint8)
+    images, crops = [], []
+    for view_seed in _split(seed, views):
+        crop = crop_flip_params(*_split(view_seed, 2), shape[0], shape[1], scale=scale,
+                                ratio=ratio, hflip=hflip)
+        images.append(normalize(crop_flip(image_uint8, crop, size=img_size,
+                                          method=interpolation)))
+        crops.append(crop)
+    return tf.stack(images), tf.stack(crops)
 
 
 def normalize(image):
@@ -704,7 +750,8 @@ def random_erasing(image, seed, *, prob=0.25, min_area=0.02, max_area=1 / 3, min
 
 def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                     hflip=0.5, auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.3,
-                    re_prob=0.25, re_mode='pixel', re_count=1, interpolation='bicubic'):
+                    re_prob=0.25, re_mode='pixel', re_count=1, interpolation='bicubic',
+                    crop=None):
     """The DeiT training transform, in timm `create_transform(is_training=True)` order.
 
     RandomResizedCrop -> horizontal flip -> RandAugment (colour jitter instead when
@@ -715,15 +762,17 @@ def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 
     Args:
       image_uint8: uint8 [height, width, 3].
       seed: int [2].
+      crop: None, or a stored view int32 [5] (`crop_flip_params`) that replaces the crop and
+        flip draws (`scale`, `ratio`, `hflip` are then unused); the rest is unchanged.
     Returns:
       float32 [img_size, img_size, 3], normalised.
     """
     s_crop, s_flip, s_color, s_erase = _split(seed, 4)
-    image = random_resized_crop(image_uint8, s_crop, size=img_size, scale=scale, ratio=ratio,
-                                method=interpolation)
-    image = tf.cast(image, tf.uint8)  # already rounded to integers in [0, 255]
-    if hflip > 0:
-        image = tf.where(_uniform(s_flip) < hflip, image[:, ::-1], image)
+    if crop is None:
+        shape = tf.shape(image_uint8)
+        crop = crop_flip_params(s_crop, s_flip, shape[0], shape[1], scale=scale, ratio=ratio,
+                                hflip=hflip)
+    image = crop_flip(image_uint8, crop, size=img_size, method=interpolation)
     if auto_augment:
         image = rand_augment(image, s_color, interpolation=interpolation,
                              **parse_rand_augment(auto_augment))

@@ -22,7 +22,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -163,6 +163,33 @@ def _per_example_seed(seed: int, epoch, position):
     return tf.random.experimental.stateless_fold_in(base, position)
 
 
+def view_seed(seed: int, index):
+    """The seed of example ``index``'s stored crop views (a stream apart from training's)."""
+    return tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64),
+                                                    tf.cast(index, tf.int64))
+
+
+def crop_views_transform(config: ml_collections.ConfigDict, image_size: int, views: int, *,
+                         index_offset: int = 0):
+    """``eval_batches`` transform giving each example ``views`` crop + flip views drawn with
+    ``config.aug``'s scale, ratio and flip probability: ``image`` float32
+    ``[views, image_size, image_size, 3]`` and ``crop`` int32 ``[views, 5]``.
+
+    The views of example ``i`` depend only on ``(config.seed, i)``; ``index_offset`` is the
+    split index of the source's example 0 (``Source.slice``).
+    """
+    aug = config.aug
+
+    def transform(image, index):
+        images, crops = augment.crop_views(
+            image, view_seed(config.seed, index + index_offset), views=views, img_size=image_size,
+            scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+            interpolation=aug.interpolation)
+        return {"image": images, "crop": crops}
+
+    return transform
+
+
 def _reshape_for_devices(batch: dict, local_devices: int) -> dict:
     return {k: v.reshape(local_devices, -1, *v.shape[1:]) for k, v in batch.items()}
 
@@ -221,13 +248,19 @@ def _strict(config: ml_collections.ConfigDict) -> bool:
 
 
 def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Layout, *,
-                  image_size: int, start_step: int = 0) -> Batches:
+                  image_size: int, start_step: int = 0,
+                  crops: np.ndarray | None = None) -> Batches:
     """Endless training batches for this process, starting at global step ``start_step``.
 
     Yields ``image`` float32 [local_devices, per_device, image_size, image_size, 3],
     ``label`` int32 and ``index`` int64 [local_devices, per_device]. An undecodable example
     is replaced by the next loadable one of the split (same augmentation seed), logged and
     counted in the returned iterator's ``errors``; ``dataset.strict_decoding`` raises instead.
+
+    ``crops`` (int32 ``[num_examples, views, 5]``, a crop-aware teacher-logits store's views)
+    replays stored views: each sample takes view ``view`` (uniform over the views, drawn per
+    epoch and position, added to the batch as int64) of the example it loads, in place of the
+    RandomResizedCrop and flip draws; the rest of the transform is unchanged.
     """
     aug = config.aug
     num_replicas = layout.process_count * layout.local_devices
@@ -238,16 +271,28 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
     first = layout.process_index * layout.local_devices
     scale, ratio = tuple(aug.scale), tuple(aug.ratio)
     strict = _strict(config)
+    keys = ("index", "epoch", "position")
+    if crops is not None:
+        if crops.ndim != 3 or crops.shape[0] != source.num_examples or crops.shape[2] != 5:
+            raise ValueError(f"crops must be int32 [{source.num_examples}, views, 5], got "
+                             f"{crops.shape}")
+        keys += ("view",)
+        crop_table = tf.constant(crops, tf.int32)
 
     def transform(element):
         seed = _per_example_seed(config.seed, element["epoch"], element["position"])
+        crop = None
+        if crops is not None:
+            # The view of the example really loaded (a corrupt file's replacement has its own).
+            crop = tf.gather_nd(crop_table, tf.stack([tf.maximum(element["loaded"], 0),
+                                                      element["view"]]))
         image = augment.train_transform(
             element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
             hflip=aug.hflip, auto_augment=aug.auto_augment or None,
             color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
-            re_count=aug.re_count, interpolation=aug.interpolation)
-        return {"image": image, "label": element["label"], "index": element["index"],
-                "loaded": element["loaded"]}
+            re_count=aug.re_count, interpolation=aug.interpolation, crop=crop)
+        return {"image": image, "label": element["label"], "loaded": element["loaded"],
+                **{k: element[k] for k in keys if k in ("index", "view")}}
 
     def epoch_arrays(epoch: int):
         """(index, epoch, position) of this process's examples, in batch order."""
@@ -262,9 +307,16 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
         positions = (rows[:, None] * plan.shape[1] + np.arange(n)).reshape(order.shape)
         order, positions = (np.moveaxis(a, 1, 0).reshape(-1) for a in (order, positions))
         skip = max((start_step - epoch * n_steps) * layout.host_batch, 0)
-        return {"index": order[skip:].astype(np.int64),
-                "epoch": np.full(len(order) - skip, epoch, np.int64),
-                "position": positions[skip:].astype(np.int64)}
+        arrays = {"index": order[skip:].astype(np.int64),
+                  "epoch": np.full(len(order) - skip, epoch, np.int64),
+                  "position": positions[skip:].astype(np.int64)}
+        if crops is not None:
+            # One draw per position of the epoch's global stream: the repeats of an image
+            # (repeated augmentation) take independent views; resuming redraws the same.
+            views = np.random.default_rng([config.seed, epoch, 1]).integers(
+                crops.shape[1], size=plan.size)
+            arrays["view"] = views[arrays["position"]]
+        return arrays
 
     def epochs():
         epoch = start_step // n_steps
@@ -272,7 +324,7 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
             yield epoch_arrays(epoch)
             epoch += 1
 
-    spec = {k: tf.TensorSpec([None], tf.int64) for k in ("index", "epoch", "position")}
+    spec = {k: tf.TensorSpec([None], tf.int64) for k in keys}
     ds = tf.data.Dataset.from_generator(epochs, output_signature=spec).unbatch()
     ds = _decoded(ds, source, 1 if strict else TRAIN_DECODE_ATTEMPTS)
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -299,13 +351,17 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
 
 
 def eval_batches(config: ml_collections.ConfigDict, source: Source, layout: Layout, *,
-                 image_size: int, batch_size: int | None = None) -> Batches:
+                 image_size: int, batch_size: int | None = None,
+                 transform: Callable[[tf.Tensor, tf.Tensor], dict] | None = None) -> Batches:
     """One pass over the split: every example exactly once across processes, padded + masked.
 
     Every process yields the same number of batches (collectives need that); padding rows
     repeat example 0 and carry ``mask == 0``, as do undecodable examples (logged, counted in
     the returned iterator's ``errors``; ``dataset.strict_decoding`` raises instead). Extra
     fields of the source (``real_label``) come along.
+
+    ``transform(image_uint8, index) -> {'image': ..., ...}`` replaces the eval transform (e.g.
+    ``crop_views_transform``); its fields join the batch.
     """
     global_batch = batch_size or layout.global_batch
     host_batch = global_batch // layout.process_count
@@ -319,7 +375,9 @@ def eval_batches(config: ml_collections.ConfigDict, source: Source, layout: Layo
     crop_ratio = config.aug.eval_crop_ratio
     strict = _strict(config)
 
-    def transform(element):
+    def apply(element):
+        if transform is not None:
+            return {**element, **transform(element["image"], element["index"])}
         image = augment.eval_transform(element["image"], img_size=image_size,
                                        crop_ratio=crop_ratio,
                                        interpolation=config.aug.interpolation)
@@ -327,7 +385,7 @@ def eval_batches(config: ml_collections.ConfigDict, source: Source, layout: Layo
 
     ds = tf.data.Dataset.from_tensor_slices({"index": indices.astype(np.int64), "mask": mask})
     ds = _decoded(ds, source, 1)
-    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(host_batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
     errors = DecodeErrors("eval")
 

@@ -42,7 +42,7 @@ class Teacher:
 
     model: nn.Module | None = None
     variables: Any = None  # host copy; replicated once by the loop
-    precomputed_dir: str = ""
+    precomputed: bool = False  # the batch carries ``teacher_logits``
     store: Any = None  # the opened TeacherLogitsStore (host side) when precomputed
 
 
@@ -110,7 +110,7 @@ def create_train_state(config, model, tx, rng, image_size) -> TrainState:
 
 def _teacher_targets(batch, images, lam, teacher, teacher_vars, config):
     """Teacher logits for the (mixed) batch, never differentiated."""
-    if teacher.precomputed_dir:
+    if teacher.precomputed:
         # Precomputed logits saw the unmixed views: mix the teacher's probabilities with the
         # images' lambda and pairing, and hand them back as tau * log(p) so that
         # softmax(logits / tau) = p and argmax is the mixed prediction.

@@ -6,9 +6,16 @@
 teacher_logits=LOGITS_DIR --workdir=RUN_DIR
 
 The teacher (``config.distillation.teacher`` loaded from ``teacher_init``, as the training
-loop would load it) runs over every example of the training split once, on the **eval
-transform** (resize + centre crop: one deterministic view per image, so the store does not
-depend on a seed or an epoch), pmapped over the local devices, every process its share.
+loop would load it) runs over every example of the training split once, pmapped over the local
+devices, every process its share, on one of two transforms:
+
+- ``eval`` (default): resize + centre crop, one deterministic view per image;
+- ``crops`` (``--views=K``, crop-aware, the consistent teacher of FKD, Shen & Xing 2021): K
+  RandomResizedCrop + flip views per image, drawn with ``config.aug``'s scale, ratio and flip
+  probability from a seed of ``(config.seed, example id)``, stored with their parameters.
+  Training replays one stored view per sample (``input_pipeline.train_batches(crops=...)``),
+  so the student's crop is the one the teacher labelled; the photometric augmentation
+  (RandAugment, colour jitter, erasing) and mixup/CutMix stay on top, as in FKD.
 
 A store is a directory:
 - ``manifest.json``: format version, teacher name and fingerprint (a hash of its variables),
@@ -18,16 +25,19 @@ A store is a directory:
   ``[S * shard_size, (S + 1) * shard_size)``: ``ids`` int64 ``[n]``, ``values`` float16
   ``[n, num_classes]`` (full logits) or ``[n, top_k]`` (the top-k logits, descending) with
   ``indices`` int32 ``[n, top_k]``, and ``decoded`` bool ``[n]`` (False: the example could not
-  be decoded and its row is the teacher's output on a placeholder image).
+  be decoded and its row is the teacher's output on a placeholder image). A crops store has a
+  views axis, ``values`` / ``indices`` ``[n, K, ...]``, and ``crops`` int32 ``[n, K, 5]`` (top,
+  left, height, width, flip of each view in the decoded image).
 
 Shards are written atomically as they finish; a restarted command skips finished shards, so an
 interrupted run (or a deleted shard) costs only the missing shards.
 
 Training reads a store with ``TeacherLogitsStore.open`` (validated against the run's dataset,
 split, class and example counts before any step) and ``attach``, which adds
-``batch['teacher_logits']`` on the host from ``batch['index']``. Top-k rows are filled back to
-full rows with ``TOPK_FILL`` (-1e4): softmax then puts exactly zero mass (in float32) outside
-the stored classes, i.e. the teacher's distribution renormalised over its top k.
+``batch['teacher_logits']`` on the host from ``batch['index']`` (and ``batch['view']``).
+Top-k rows are filled back to full rows with ``TOPK_FILL`` (-1e4): softmax then puts exactly
+zero mass (in float32) outside the stored classes, i.e. the teacher's distribution
+renormalised over its top k.
 """
 
 from __future__ import annotations
@@ -51,7 +61,9 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-FORMAT_VERSION = 1
+# 2 added crop-aware stores; version-1 stores (eval transform only) read unchanged.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PRECOMPUTED_PREFIX = "precomputed:"
 # Logit given to classes outside a top-k row. exp(-1e4 / tau - max) underflows to exactly 0 in
@@ -126,8 +138,9 @@ class TeacherLogitsStore:
         self.directory = directory
         self.manifest = manifest
         self._shard_files = shard_files
-        self._values: np.ndarray | None = None  # float16 [num_examples, C or k]
-        self._indices: np.ndarray | None = None  # int32 [num_examples, k] (top-k only)
+        self._values: np.ndarray | None = None  # float16 [num_examples, (views,) C or k]
+        self._indices: np.ndarray | None = None  # int32 [num_examples, (views,) k] (top-k)
+        self._crops: np.ndarray | None = None  # int32 [num_examples, views, 5] (crops store)
 
     @property
     def num_classes(self) -> int:
@@ -140,6 +153,20 @@ class TeacherLogitsStore:
     @property
     def top_k(self) -> int | None:
         return self.manifest["top_k"]
+
+    @property
+    def views(self) -> int | None:
+        """Stored views per example of a crop-aware store; None for an eval-view store."""
+        transform = self.manifest["transform"]
+        return int(transform["views"]) if transform["name"] == "crops" else None
+
+    @property
+    def crops(self) -> np.ndarray | None:
+        """The stored views, int32 ``[num_examples, views, 5]`` (None for an eval store)."""
+        if self.views is None:
+            return None
+        self._load()
+        return self._crops
 
     @classmethod
     def open(cls, directory: str, *, dataset: str, split: str, num_classes: int,
@@ -154,10 +181,10 @@ class TeacherLogitsStore:
         fix = ("write a store for it with `python -m deit_jax.teacher_logits "
                "--config=<this training config> --out=NEW_DIR` and train with "
                "distillation.teacher='precomputed:NEW_DIR'")
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"{directory} has teacher-logits format "
                              f"{manifest.get('format_version')}, this code reads "
-                             f"{FORMAT_VERSION}: rewrite it with this version's command")
+                             f"{READABLE_VERSIONS}: rewrite it with this version's command")
         if (manifest["dataset"], manifest["split"]) != (dataset, split):
             raise ValueError(
                 f"{directory} holds teacher logits for dataset {manifest['dataset']!r} split "
@@ -206,22 +233,30 @@ class TeacherLogitsStore:
         if self._values is not None:
             return
         t0 = time.time()
+        lead = (self.num_examples,) + ((self.views,) if self.views else ())
         width = self.top_k or self.num_classes
-        values = np.zeros((self.num_examples, width), np.float16)
-        indices = np.zeros((self.num_examples, width), np.int32) if self.top_k else None
+        values = np.zeros((*lead, width), np.float16)
+        indices = np.zeros((*lead, width), np.int32) if self.top_k else None
+        crops = np.zeros((*lead, 5), np.int32) if self.views else None
+        keys = ("ids", "values") + (("indices",) if self.top_k else ()) + (
+            ("crops",) if self.views else ())
         for file in self._shard_files:
-            shard = _load_npz(file, ("ids", "values") + (("indices",) if self.top_k else ()))
+            shard = _load_npz(file, keys)
             values[shard["ids"]] = shard["values"]
             if indices is not None:
                 indices[shard["ids"]] = shard["indices"]
-        self._values, self._indices = values, indices
-        logging.info("teacher logits: read %d x %d from %s in %.1fs", *values.shape,
+            if crops is not None:
+                crops[shard["ids"]] = shard["crops"]
+        self._values, self._indices, self._crops = values, indices, crops
+        logging.info("teacher logits: read %s from %s in %.1fs", "x".join(map(str, values.shape)),
                      self.directory, time.time() - t0)
 
-    def lookup(self, indices: np.ndarray) -> np.ndarray:
+    def lookup(self, indices: np.ndarray, views: np.ndarray | None = None) -> np.ndarray:
         """Teacher logits of example ids ``indices`` (any shape ``[...]``): float32 ``[..., C]``.
 
-        Top-k stores give full rows with ``TOPK_FILL`` outside the stored k classes.
+        A crop-aware store needs ``views`` (the stored view of each sample, the shape of
+        ``indices``); an eval store takes none. Top-k stores give full rows with ``TOPK_FILL``
+        outside the stored k classes.
         """
         self._load()
         ids = np.asarray(indices, np.int64)
@@ -229,31 +264,64 @@ class TeacherLogitsStore:
         if flat.size and (flat.min() < 0 or flat.max() >= self.num_examples):
             raise IndexError(f"example ids outside [0, {self.num_examples}) asked of "
                              f"{self.directory}")
+        if (views is None) != (self.views is None):
+            raise ValueError(f"{self.directory} is {'a crop-aware' if self.views else 'an eval'}"
+                             f" store: lookup {'needs' if self.views else 'takes no'} views")
+        rows_of = (flat,)
+        if views is not None:
+            flat_views = np.asarray(views, np.int64).reshape(-1)
+            if flat_views.shape != flat.shape or flat_views.size and (
+                    flat_views.min() < 0 or flat_views.max() >= self.views):
+                raise IndexError(f"views must have the ids' shape and lie in [0, {self.views})")
+            rows_of = (flat, flat_views)
         if self._indices is None:
-            rows = self._values[flat].astype(np.float32)
+            rows = self._values[rows_of].astype(np.float32)
         else:
             rows = np.full((flat.size, self.num_classes), TOPK_FILL, np.float32)
-            np.put_along_axis(rows, self._indices[flat],
-                              self._values[flat].astype(np.float32), axis=1)
+            np.put_along_axis(rows, self._indices[rows_of],
+                              self._values[rows_of].astype(np.float32), axis=1)
         return rows.reshape(*ids.shape, self.num_classes)
+
+    def check_views_match(self, config: ml_collections.ConfigDict, image_size: int) -> None:
+        """A crop-aware store's views replace the run's crop and flip draws: they must have
+        been drawn as ``config.aug`` says, at the student's resolution (ValueError if not)."""
+        if self.views is None:
+            return
+        stored = self.manifest["transform"]
+        aug = config.aug
+        want = {"image_size": image_size, "interpolation": aug.interpolation,
+                "scale": [float(x) for x in aug.scale], "ratio": [float(x) for x in aug.ratio],
+                "hflip": float(aug.hflip)}
+        differ = {k: (stored.get(k), v) for k, v in want.items() if stored.get(k) != v}
+        if differ:
+            raise ValueError(
+                f"{self.directory} stores crop views drawn with "
+                f"{', '.join(f'{k}={a!r}' for k, (a, _) in differ.items())}, but this run has "
+                f"{', '.join(f'{k}={b!r}' for k, (_, b) in differ.items())} (aug.* / the "
+                "model's image size): the stored views replace the run's crops, so write a "
+                "store with this config (`python -m deit_jax.teacher_logits --views=K ...`) or "
+                "set the run's aug.* to the store's")
 
 
 def open_for_training(config: ml_collections.ConfigDict, *, num_classes: int,
-                      num_examples: int) -> TeacherLogitsStore:
+                      num_examples: int, image_size: int) -> TeacherLogitsStore:
     """The store named by ``distillation.teacher = 'precomputed:DIR'``, checked against the run."""
     directory = precomputed_dir(config)
     if not directory:
         raise ValueError(f"distillation.teacher={config.distillation.teacher!r} names no "
                          "precomputed store ('precomputed:DIR')")
-    return TeacherLogitsStore.open(directory, **dataset_identity(config),
-                                   num_classes=num_classes, num_examples=num_examples)
+    store = TeacherLogitsStore.open(directory, **dataset_identity(config),
+                                    num_classes=num_classes, num_examples=num_examples)
+    store.check_views_match(config, image_size)
+    return store
 
 
 def attach(batches: Iterator[dict], store: TeacherLogitsStore) -> Iterator[dict]:
-    """Adds ``teacher_logits`` float32 ``[devices, per_device, C]`` from each batch's ``index``."""
+    """Adds ``teacher_logits`` float32 ``[devices, per_device, C]`` from each batch's ``index``
+    (and ``view``, which ``train_batches`` adds when replaying a crop-aware store's views)."""
     for batch in batches:
         batch = dict(batch)
-        batch["teacher_logits"] = store.lookup(batch["index"])
+        batch["teacher_logits"] = store.lookup(batch["index"], batch.get("view"))
         yield batch
 
 
@@ -261,8 +329,11 @@ def attach(batches: Iterator[dict], store: TeacherLogitsStore) -> Iterator[dict]
 
 
 def _teacher_outputs(variables, batch, *, model, top_k: int) -> dict[str, jax.Array]:
-    """The teacher's eval-mode logits for one device's batch (full float16 or top-k)."""
-    logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+    """The teacher's eval-mode logits for one device's images ``[batch, (views,) H, W, 3]``
+    (full float16 or top-k), shaped ``[batch, (views,) C or k]``."""
+    images = batch["image"]
+    logits = model.apply(variables, images.reshape(-1, *images.shape[-3:]), train=False)
+    logits = logits.astype(jnp.float32).reshape(*images.shape[:-3], -1)
     if top_k:
         values, indices = jax.lax.top_k(logits, top_k)
         return {"values": values.astype(jnp.float16), "indices": indices.astype(jnp.int32)}
@@ -287,6 +358,18 @@ def _load_teacher(config: ml_collections.ConfigDict, num_classes: int, image_siz
     return teacher
 
 
+def _transform_record(config: ml_collections.ConfigDict, image_size: int, views: int) -> dict:
+    """The manifest's ``transform``: what the teacher saw of each example."""
+    aug = config.aug
+    if not views:
+        return {"name": "eval", "image_size": image_size, "crop_ratio": aug.eval_crop_ratio,
+                "interpolation": aug.interpolation}
+    return {"name": "crops", "views": views, "image_size": image_size,
+            "interpolation": aug.interpolation, "scale": [float(x) for x in aug.scale],
+            "ratio": [float(x) for x in aug.ratio], "hflip": float(aug.hflip),
+            "seed": config.seed}
+
+
 def _write_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
     """Writes ``path`` atomically (a temporary file renamed into place)."""
     tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
@@ -306,8 +389,9 @@ def _allgather(tree: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def write_teacher_logits(config: ml_collections.ConfigDict, out: str, *, top_k: int = 0,
-                         shard_size: int = 10_000, batch_size: int = 0) -> dict[str, Any]:
-    """Runs the teacher over the training split (eval transform) and writes a store in ``out``.
+                         shard_size: int = 10_000, batch_size: int = 0,
+                         views: int = 0) -> dict[str, Any]:
+    """Runs the teacher over the training split and writes a store in ``out``.
 
     Every process calls this (multi-host runs stay in lockstep: same shards, same batch
     count); process 0 writes. Resumes: shards already in ``out`` are skipped.
@@ -317,13 +401,21 @@ def write_teacher_logits(config: ml_collections.ConfigDict, out: str, *, top_k: 
       out: the store directory (local or gs://).
       top_k: 0 stores full float16 rows; k > 0 the top-k logits and their class ids.
       shard_size: examples per shard file.
-      batch_size: global batch of the teacher's forward passes (0: ``config.eval_batch_size``).
+      batch_size: global batch of examples per teacher pass (0: ``config.eval_batch_size``,
+        divided by ``views`` for a crops store); the teacher sees ``batch_size * views`` images.
+      views: 0 = the eval view of each example; K > 0 = a crop-aware store of K crop + flip
+        views per example (drawn with ``config.aug``), replayed by training.
     Returns:
       ``{'written': [shard, ...], 'skipped': [shard, ...], 'manifest': {...}}``.
     """
     from deit_jax import input_pipeline, models, steps
 
-    layout = input_pipeline.Layout.current(batch_size or config.eval_batch_size)
+    if views < 0:
+        raise ValueError(f"views must be 0 (eval view) or a positive count, got {views}")
+    if not batch_size:
+        batch_size = max(config.eval_batch_size // max(views, 1) // jax.device_count(), 1) * (
+            jax.device_count())
+    layout = input_pipeline.Layout.current(batch_size)
     probe = models.create_model(config.model.name, **steps.model_overrides(config, 1))
     image_size = steps.image_size_of(probe, config)
     source = input_pipeline.get_source(config, "train", image_size)
@@ -347,9 +439,7 @@ def write_teacher_logits(config: ml_collections.ConfigDict, out: str, *, top_k: 
         "data_dir": config.dataset.data_dir,
         "num_examples": source.num_examples,
         "num_classes": num_classes,
-        "transform": {"name": "eval", "image_size": image_size,
-                      "crop_ratio": config.aug.eval_crop_ratio,
-                      "interpolation": config.aug.interpolation},
+        "transform": _transform_record(config, image_size, views),
         "top_k": top_k or None,
         "dtype": "float16",
         "shard_size": shard_size,
@@ -391,9 +481,12 @@ def write_teacher_logits(config: ml_collections.ConfigDict, out: str, *, top_k: 
 
     def shard_batches(shard: int) -> Iterator[dict]:
         start, n = shard * shard_size, shard_examples(shard)
+        transform = input_pipeline.crop_views_transform(
+            config, image_size, views, index_offset=start) if views else None
         for batch in input_pipeline.eval_batches(config, source.slice(start, start + n), layout,
                                                  image_size=image_size,
-                                                 batch_size=layout.global_batch):
+                                                 batch_size=layout.global_batch,
+                                                 transform=transform):
             batch["index"] = batch["index"] + start
             yield batch
 
@@ -410,6 +503,8 @@ def write_teacher_logits(config: ml_collections.ConfigDict, out: str, *, top_k: 
         for batch in shard_batches(shard):
             # Dispatch is asynchronous: the host prepares the next batch while devices run.
             outputs = p_forward(variables, {"image": batch["image"]})
+            if views:
+                outputs = {**outputs, "crops": batch["crop"]}
             pending.append((batch["index"].reshape(-1), batch["mask"].reshape(-1), outputs))
             step += 1
             report(step)
@@ -469,8 +564,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                          flag_values=flag_values)
     flags.DEFINE_integer("shard_size", 10_000, "Examples per shard file.",
                          flag_values=flag_values)
-    flags.DEFINE_integer("batch_size", 0, "Global batch of teacher passes (0: eval_batch_size).",
-                         flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 0, "Global batch of examples per teacher pass (0: "
+                         "eval_batch_size / max(views, 1)).", flag_values=flag_values)
+    flags.DEFINE_integer("views", 0, "0: the eval view of each example; K > 0: a crop-aware "
+                         "store of K RandomResizedCrop + flip views per example (FKD), replayed "
+                         "by training.", flag_values=flag_values)
     flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first "
                       "(multi-host TPU pods, SLURM).", flag_values=flag_values)
     flags.mark_flags_as_required(["config", "out"], flag_values=flag_values)
@@ -486,7 +584,7 @@ def run(flag_values: flags.FlagValues) -> dict[str, Any]:
     tf.config.set_visible_devices([], "GPU")  # tf.data stays on the host
     result = write_teacher_logits(flag_values.config, flag_values.out, top_k=flag_values.top_k,
                                   shard_size=flag_values.shard_size,
-                                  batch_size=flag_values.batch_size)
+                                  batch_size=flag_values.batch_size, views=flag_values.views)
     logging.info("teacher logits in %s: %d shards written, %d skipped", flag_values.out,
                  len(result["written"]), len(result["skipped"]))
     return result

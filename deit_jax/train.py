@@ -107,13 +107,18 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
             raise ValueError("a precomputed teacher is checked against the training split: "
                              "pass build_teacher(..., num_examples=train_source.num_examples)")
         store = teacher_logits.open_for_training(config, num_classes=num_classes,
-                                                 num_examples=num_examples)
-        return Teacher(precomputed_dir=store.directory, store=store)
+                                                 num_examples=num_examples,
+                                                 image_size=image_size)
+        return Teacher(precomputed=True, store=store)
     if not dist.teacher_init:
         raise ValueError(f"distillation.kind={dist.kind!r} needs a teacher checkpoint: set "
                          "--config.distillation.teacher_init=DIR (a converted checkpoint or a "
                          "teacher's workdir)")
     overrides = dict(num_classes=num_classes, dtype=jnp.dtype(dist.teacher_dtype))
+    if models.is_deit(dist.teacher):
+        # A DeiT teacher (the paper's Table 2) sees the student's input at its resolution; a
+        # checkpoint made for another one has its pos_embed resampled below.
+        overrides["img_size"] = image_size
     model = models.create_model(dist.teacher, **overrides)
     if dist.teacher_init == "random":
         logging.warning("distillation teacher %s has RANDOM weights (teacher_init='random')",
@@ -124,6 +129,16 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
     target = steps.variable_shapes(model, image_size)
     variables = load_pretrained(dist.teacher_init)
     flat_t, flat_v = (flax.traverse_util.flatten_dict(t) for t in (target, variables))
+    pos = ("params", "pos_embed")
+    if models.is_deit(dist.teacher) and pos in flat_v and flat_v[pos].shape != flat_t[pos].shape:
+        from deit_jax.convert import resample_pos_embed
+
+        side = image_size // model.patch_size
+        logging.info("teacher %s: resampling pos_embed %s -> %s for %dx%d inputs", dist.teacher,
+                     flat_v[pos].shape, flat_t[pos].shape, image_size, image_size)
+        flat_v[pos] = resample_pos_embed(np.asarray(flat_v[pos]), (side, side),
+                                         model.num_prefix_tokens)
+        variables = flax.traverse_util.unflatten_dict(flat_v)
     # The head's output width is the class count (DeiT: head/kernel, RegNet: head_fc/kernel).
     widths = {v.shape[-1] for k, v in flat_v.items() if k[1].startswith("head")
               and k[-1] == "kernel"}
@@ -262,10 +277,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx, lr_fn=lr_fn,
                           config=config),
         axis_name=AXIS, donate_argnums=(0,))
-    train_iter = input_pipeline.train_batches(config, train_source, layout,
-                                              image_size=image_size, start_step=start_step)
+    train_iter = input_pipeline.train_batches(
+        config, train_source, layout, image_size=image_size, start_step=start_step,
+        crops=teacher.store.crops if teacher.store else None)  # a crop-aware store's views
     batches = train_iter
-    if teacher.precomputed_dir:
+    if teacher.precomputed:
         # Joined by example id on the host, before the copy to the devices.
         batches = teacher_logits.attach(batches, teacher.store)
     batches = jax_utils.prefetch_to_device(batches, 2)

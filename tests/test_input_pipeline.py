@@ -410,6 +410,35 @@ def test_corrupt_files_are_replaced_counted_and_logged(corrupt_folder, caplog):
     assert evals.errors.count == 2
 
 
+def test_stored_views_replace_the_crop_and_follow_a_replaced_file(corrupt_folder):
+    """Crop-aware teacher logits: each sample is the stored view ``crops[index, view]`` of the
+    example really loaded, a corrupt file's replacement included."""
+    config = config_for(corrupt_folder, auto_augment="", color_jitter=0.0, re_prob=0.0,
+                        repeated_aug=1)
+    source = ip.get_source(config, "train", IMG)
+    names = [os.path.basename(source.where(i)) for i in range(14)]
+    bad = {names.index("9_truncated.jpg"), names.index("2b_text.jpg")}
+    # Two views per example, all different, inside the 20x28 images; view 1 is mirrored.
+    crops = np.array([[[i % 5, 3 * v + i % 4, 10 + i % 6, 12 + v, v] for v in range(2)]
+                      for i in range(14)], np.int32)
+    with pytest.raises(ValueError, match=r"crops must be int32 \[14, views, 5\]"):
+        ip.train_batches(config, source, ip.Layout(7, 0, 1, 1), image_size=IMG,
+                         crops=crops[:13])
+    batches = ip.train_batches(config, source, ip.Layout(7, 0, 1, 1), image_size=IMG,
+                               crops=crops)
+    epoch = collect(batches, 4)
+    index = np.concatenate([b["index"].ravel() for b in epoch])
+    view = np.concatenate([b["view"].ravel() for b in epoch])
+    image = np.concatenate([b["image"][0] for b in epoch])
+    assert {i + 1 for i in bad} <= set(index.tolist()) and not bad & set(index.tolist())
+    assert set(view.tolist()) == {0, 1}
+    for got, i, v in zip(image, index, view, strict=True):
+        raw = ip.load_example(source, tf.constant(i, tf.int64))["image"]
+        want = augment.normalize(augment.crop_flip(raw, crops[i, v], size=IMG))
+        np.testing.assert_array_equal(got, want.numpy())
+    assert batches.errors.count == 4  # two epochs, two bad files each
+
+
 def test_strict_decoding_raises_naming_the_file(corrupt_folder):
     config = config_for(corrupt_folder, auto_augment="", re_prob=0.0, repeated_aug=1)
     config.dataset.strict_decoding = True

@@ -1,5 +1,6 @@
-"""Precomputed teacher logits: the command's store, resume, top-k, validation, and the train
-step's equivalence with an on-the-fly teacher when both see the same views."""
+"""Precomputed teacher logits: the command's store, resume, top-k, validation, crop-aware (FKD)
+stores and their replay in training, a DeiT teacher, and the train step's equivalence with an
+on-the-fly teacher when both see the same views."""
 
 from __future__ import annotations
 
@@ -11,11 +12,22 @@ import flax
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from absl import flags
 from flax import jax_utils
 
 from configs import deit_ti
-from deit_jax import checkpoint, input_pipeline, models, optim, steps, teacher_logits, train
+from deit_jax import (
+    augment,
+    checkpoint,
+    convert,
+    input_pipeline,
+    models,
+    optim,
+    steps,
+    teacher_logits,
+    train,
+)
 from deit_jax.steps import Teacher
 
 # Train views equal eval views: a full-image "random" crop of the square synthetic images, no
@@ -23,8 +35,12 @@ from deit_jax.steps import Teacher
 SAME_VIEWS = {"aug.scale": (1.0, 1.0), "aug.ratio": (1.0, 1.0), "aug.hflip": 0.0,
               "aug.re_prob": 0.0, "aug.eval_crop_ratio": 1.0, "mixup.mixup_alpha": 0.0,
               "mixup.cutmix_alpha": 0.0}
+# Crop-aware stores: real RandomResizedCrop + flip views (the eval-view settings otherwise).
+CROPS = {"aug.scale": (0.25, 1.0), "aug.ratio": (3 / 4, 4 / 3), "aug.hflip": 0.5}
+VIEWS = 4
 NUM_EXAMPLES, NUM_CLASSES, SHARD = 256, 10, 64  # the smoke variant's synthetic set
 VARIANT = "distill=hard,smoke"
+DEIT_TEACHER = "deit_tiny_distilled_patch16_224"
 
 
 def smoke_config(teacher_init, variant=VARIANT, **overrides):
@@ -76,11 +92,15 @@ def teacher_init(tmp_path_factory):
     return out
 
 
-def run_command(teacher_init, out, *args):
-    """``python -m deit_jax.teacher_logits ARGS`` in this process, on its own flag registry."""
+def run_command(teacher_init, out, *args, overrides=None):
+    """``python -m deit_jax.teacher_logits ARGS`` in this process, on its own flag registry;
+    ``overrides`` {config key: value} become ``--config.KEY=VALUE`` flags."""
     argv = ["teacher_logits", f"--config=configs/deit_ti.py:{VARIANT}",
             f"--config.distillation.teacher_init={teacher_init}",
-            "--config.aug.eval_crop_ratio=1.0", f"--out={out}", f"--shard_size={SHARD}", *args]
+            "--config.aug.eval_crop_ratio=1.0", f"--out={out}", f"--shard_size={SHARD}", *args,
+            *(f"--config.{k}=({','.join(map(repr, v))})" if isinstance(v, tuple)
+              else f"--config.{k}={v}"
+              for k, v in (overrides or {}).items())]
     flag_values = teacher_logits.define_flags(flags.FlagValues(), argv)
     flag_values(argv)
     return teacher_logits.run(flag_values)
@@ -101,11 +121,57 @@ def store_dir(teacher_init, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def teacher(teacher_init):
-    """The teacher as the training loop builds it."""
-    config = smoke_config(teacher_init)
+def crop_store_dir(teacher_init, tmp_path_factory):
+    out = tmp_path_factory.mktemp("logits") / "crops"
+    result = run_command(teacher_init, out, f"--views={VIEWS}", overrides=CROPS)
+    assert result["written"] == [0, 1, 2, 3]
+    return out
+
+
+def build_teacher(teacher_init, **overrides):
+    """The teacher as the training loop builds it for the smoke student (32x32 inputs)."""
+    config = smoke_config(teacher_init, **overrides)
     student = models.create_model(config.model.name, **steps.model_overrides(config, 10))
     return train.build_teacher(config, student, NUM_CLASSES, 32)
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_init):
+    return build_teacher(teacher_init)
+
+
+@pytest.fixture(scope="module")
+def deit_teacher_init(tmp_path_factory):
+    """A DeiT-Ti distilled teacher checkpoint at its own 224x224 resolution (numpy, timm's std
+    0.02; heads scaled up so that its predictions differ clearly between examples)."""
+    model = models.create_model(DEIT_TEACHER, num_classes=NUM_CLASSES)
+    rng = np.random.RandomState(1)
+    flat = {}
+    for key, leaf in flax.traverse_util.flatten_dict(steps.variable_shapes(model, 224)).items():
+        value = (np.ones(leaf.shape) if key[-1] == "scale" else np.zeros(leaf.shape)
+                 if key[-1] == "bias" else 0.02 * rng.randn(*leaf.shape))
+        flat[key] = value.astype(leaf.dtype)
+    for head in ("head", "head_dist"):
+        flat["params", head, "kernel"] *= 50.0
+    first = tmp_path_factory.mktemp("deit_teacher")
+    checkpoint.save_variables(str(first), flax.traverse_util.unflatten_dict(flat))
+    # Centre each head's logits on the training set (as run on the 32x32 inputs), so that the
+    # argmax varies between examples.
+    teacher = build_teacher(first, **{"distillation.teacher": DEIT_TEACHER})
+    images, _ = eval_views(smoke_config("random"))
+    heads = teacher.model.apply(teacher.variables, images, train=False, both_heads=True)
+    for head, logits in zip(("head", "head_dist"), heads, strict=True):
+        flat["params", head, "bias"] = -np.asarray(logits).mean(0)
+    out = tmp_path_factory.mktemp("deit_teacher")
+    checkpoint.save_variables(str(out), flax.traverse_util.unflatten_dict(flat))
+    return out
+
+
+@pytest.fixture(scope="module")
+def deit_store_dir(deit_teacher_init, tmp_path_factory):
+    out = tmp_path_factory.mktemp("logits") / "deit"
+    run_command(deit_teacher_init, out, overrides={"distillation.teacher": DEIT_TEACHER})
+    return out
 
 
 def test_store_holds_the_teachers_logits_of_the_eval_views(store_dir, teacher, teacher_init):
@@ -209,34 +275,198 @@ def test_training_config_names_the_store(store_dir):
     config = smoke_config("", **{"distillation.teacher": f"precomputed:{store_dir}",
                                  "dataset.train_split": "other"})
     with pytest.raises(ValueError, match="split 'other'"):
-        teacher_logits.open_for_training(config, num_classes=10, num_examples=NUM_EXAMPLES)
+        teacher_logits.open_for_training(config, num_classes=10, num_examples=NUM_EXAMPLES,
+                                         image_size=32)
     with pytest.raises(ValueError, match="names no precomputed store"):
         teacher_logits.open_for_training(smoke_config(""), num_classes=10,
-                                         num_examples=NUM_EXAMPLES)
+                                         num_examples=NUM_EXAMPLES, image_size=32)
 
 
-def test_precomputed_step_equals_on_the_fly_step_on_the_same_views(store_dir, teacher,
-                                                                   teacher_init):
-    # Soft distillation with the paper's T = 3 checks the tau handling of the precomputed
-    # probabilities; batch-mean KL keeps the kd term large enough to notice a wrong row. (Hard
-    # distillation uses the same targets' argmax: the store test checks it is the teacher's.)
-    config = smoke_config(teacher_init, "distill=soft,smoke", **{
-        "distillation.tau": 3.0, "distillation.alpha": 0.5,
+# ------------------------------------------------------------------------ crop-aware stores
+
+
+def source_image(index):
+    return input_pipeline.synthetic("train", NUM_EXAMPLES, NUM_CLASSES, 32).load(
+        tf.constant(index, tf.int64))[0]
+
+
+@tf.function
+def render_view(image, crop):
+    """A stored view rendered from its parameters alone: crop, resize, flip, normalise."""
+    return augment.normalize(augment.crop_flip(image, crop, size=32, method="bicubic"))
+
+
+def test_crop_store_holds_the_teacher_on_each_stored_view(crop_store_dir, store_dir, teacher):
+    manifest = json.loads((crop_store_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["top_k"] is None
+    assert manifest["transform"] == {
+        "name": "crops", "views": VIEWS, "image_size": 32, "interpolation": "bicubic",
+        "scale": [0.25, 1.0], "ratio": [0.75, 4 / 3], "hflip": 0.5, "seed": 0}
+    shard = np.load(crop_store_dir / "shard-00001-of-00004.npz")
+    assert shard["values"].shape == (SHARD, VIEWS, NUM_CLASSES)
+    assert shard["crops"].shape == (SHARD, VIEWS, 5) and shard["crops"].dtype == np.int32
+    store = open_store(crop_store_dir)
+    assert store.views == VIEWS
+    crops = store.crops
+    top, left, h, w, flip = np.moveaxis(crops, -1, 0)
+    # RandomResizedCrop's views: inside the 32x32 image, area in scale (rounding: one pixel
+    # per side), aspect in ratio, flips at p = 0.5; the views of an image differ.
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (
+        left + w <= 32).all()
+    assert ((h * w >= (np.sqrt(0.25 * 1024) - 1) ** 2) & (h * w <= 1024)).all()
+    assert ((w / h > 0.75 * 0.9) & (w / h < 4 / 3 / 0.9)).all()
+    assert 0.4 < flip.mean() < 0.6 and set(np.unique(flip)) == {0, 1}
+    assert len(np.unique(h)) > 10
+    assert all(len({tuple(c) for c in crops[i]}) == VIEWS for i in range(NUM_EXAMPLES))
+    # Each view is a pure function of (seed, example id): the writer's sharding (examples 100
+    # and 255 are in shards 1 and 3) does not change it.
+    for i in (3, 100, 255):
+        _, again = augment.crop_views(source_image(i), input_pipeline.view_seed(0, i),
+                                      views=VIEWS, img_size=32, scale=CROPS["aug.scale"],
+                                      ratio=CROPS["aug.ratio"], hflip=0.5)
+        np.testing.assert_array_equal(again.numpy(), crops[i])
+    # Each row is the teacher's output on the view its crop parameters describe.
+    ids = np.arange(0, NUM_EXAMPLES, 4)
+    images = np.stack([[render_view(source_image(i), crops[i, v]).numpy() for v in
+                        range(VIEWS)] for i in ids])
+    expected = np.asarray(jax.jit(functools.partial(teacher.model.apply, train=False))(
+        teacher.variables, images.reshape(-1, 32, 32, 3))).reshape(len(ids), VIEWS, -1)
+    views = np.tile(np.arange(VIEWS), (len(ids), 1))
+    got = store.lookup(np.repeat(ids[:, None], VIEWS, 1), views)
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-3)
+    # ... and the views of one image really are labelled differently by the teacher.
+    assert np.abs(expected - expected[:, :1]).max() > 1.0
+    with pytest.raises(ValueError, match="crop-aware store: lookup needs views"):
+        store.lookup(ids)
+    with pytest.raises(ValueError, match="eval store: lookup takes no views"):
+        open_store(store_dir).lookup(ids, views[:, 0])
+
+
+def test_crop_top_k_store_matches_the_full_crop_store(crop_store_dir, teacher_init, tmp_path):
+    run_command(teacher_init, tmp_path, f"--views={VIEWS}", "--top_k=2", overrides=CROPS)
+    top, full = open_store(tmp_path), open_store(crop_store_dir)
+    np.testing.assert_array_equal(top.crops, full.crops)  # same seed, same views
+    ids = np.repeat(np.arange(NUM_EXAMPLES), VIEWS)
+    views = np.tile(np.arange(VIEWS), NUM_EXAMPLES)
+    got, want = top.lookup(ids, views), full.lookup(ids, views)
+    kept = got != teacher_logits.TOPK_FILL
+    assert (kept.sum(1) == 2).all()
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    np.testing.assert_allclose(got[kept], want[kept], rtol=2e-3, atol=1e-4)
+    assert (np.sort(want, 1)[:, -2:] == np.sort(np.where(kept, got, -np.inf), 1)[:, -2:]).all()
+
+
+def test_training_replays_the_stored_views(crop_store_dir, teacher, teacher_init):
+    config = smoke_config(teacher_init, **CROPS,
+                          **{"distillation.teacher": f"precomputed:{crop_store_dir}"})
+    store = teacher_logits.open_for_training(config, num_classes=10, num_examples=NUM_EXAMPLES,
+                                             image_size=32)
+    source = input_pipeline.synthetic("train", NUM_EXAMPLES, NUM_CLASSES, 32)
+    layout = input_pipeline.Layout.current(config.batch_size)
+    batches = teacher_logits.attach(input_pipeline.train_batches(
+        config, source, layout, image_size=32, crops=store.crops), store)
+    steps_per_epoch = NUM_EXAMPLES // config.batch_size
+    epochs = [next(batches) for _ in range(2 * steps_per_epoch)]
+    apply = jax.jit(functools.partial(teacher.model.apply, train=False))
+    for batch in epochs[::3]:
+        assert batch["view"].shape == batch["index"].shape == (8, 4)
+        # The student's view is the stored one: the teacher says about it what the store says.
+        images, ids, views = (batch[k].reshape(-1, *batch[k].shape[2:])
+                              for k in ("image", "index", "view"))
+        on_view = np.asarray(apply(teacher.variables, images))
+        np.testing.assert_allclose(batch["teacher_logits"].reshape(on_view.shape), on_view,
+                                   rtol=2e-3, atol=1e-3)
+        np.testing.assert_array_equal(batch["teacher_logits"].reshape(on_view.shape),
+                                      store.lookup(ids, views))
+        # (Another view's row would not do.)
+        assert np.abs(store.lookup(ids, (views + 1) % VIEWS) - on_view).max() > 1.0
+    # One view per sample and epoch, uniform over the stored ones; an example's views change
+    # between epochs.
+    ids = np.concatenate([b["index"].reshape(-1) for b in epochs])
+    views = np.concatenate([b["view"].reshape(-1) for b in epochs])
+    assert np.bincount(views, minlength=VIEWS).min() > len(views) / VIEWS * 0.7
+    first, second = (dict(zip(ids[e * NUM_EXAMPLES:(e + 1) * NUM_EXAMPLES].tolist(),
+                              views[e * NUM_EXAMPLES:(e + 1) * NUM_EXAMPLES].tolist(),
+                              strict=True)) for e in (0, 1))
+    assert sorted(first) == sorted(second) == list(range(NUM_EXAMPLES))
+    assert 0.5 < np.mean([first[i] != second[i] for i in first]) < 0.95
+    # Resuming at step k replays the same views.
+    resumed = next(input_pipeline.train_batches(config, source, layout, image_size=32,
+                                                crops=store.crops, start_step=11))
+    for key in ("image", "index", "view"):
+        np.testing.assert_array_equal(resumed[key], epochs[11][key])
+
+
+def test_crop_store_must_match_the_runs_crops(crop_store_dir):
+    store = open_store(crop_store_dir)
+    with pytest.raises(ValueError, match=r"drawn with scale=\[0.25, 1.0\], ratio=\[0.75, "
+                                         r"1.3333333333333333\], hflip=0.5, but this run has "
+                                         r"scale=\[1.0, 1.0\], ratio=\[1.0, 1.0\], hflip=0.0"):
+        store.check_views_match(smoke_config(""), 32)
+    with pytest.raises(ValueError, match=r"image_size=32.*this run has image_size=64"):
+        store.check_views_match(smoke_config("", **CROPS), 64)
+    store.check_views_match(smoke_config("", **CROPS), 32)
+
+
+# ---------------------------------------------------------------------------- a DeiT teacher
+
+
+def test_deit_teacher_sees_the_students_resolution(deit_teacher_init):
+    teacher = build_teacher(deit_teacher_init, **{"distillation.teacher": DEIT_TEACHER})
+    assert models.is_deit(DEIT_TEACHER) and teacher.model.img_size == 32
+    saved, _ = checkpoint.load_variables(str(deit_teacher_init))
+    # The 14x14 grid of the checkpoint resampled to the 2x2 grid of 32x32 inputs (official
+    # fine-tuning rule: prefix tokens kept, PyTorch bicubic on the patch part).
+    np.testing.assert_allclose(
+        teacher.variables["params"]["pos_embed"],
+        convert.resample_pos_embed(np.asarray(saved["params"]["pos_embed"]), (2, 2), 2),
+        rtol=1e-6)
+    images, _ = eval_views(smoke_config(""))
+    cls, dist = teacher.model.apply(teacher.variables, images[:16], train=False,
+                                    both_heads=True)
+    # As timm's distilled DeiT in eval mode: the teacher's logits are the mean of its heads.
+    np.testing.assert_allclose(teacher.model.apply(teacher.variables, images[:16], train=False),
+                               (cls + dist) / 2, rtol=1e-5, atol=1e-5)
+    assert np.abs(cls - dist).max() > 1.0
+
+
+# ---------------------------------------------------------- precomputed == on-the-fly teacher
+
+
+@pytest.mark.parametrize("kind", ["eval", "crops", "deit"])
+def test_precomputed_step_equals_on_the_fly_step_on_the_same_views(
+        kind, request, teacher_init, deit_teacher_init):
+    """One train step with the store's logits and one with the teacher run on the batch."""
+    # Soft distillation checks the tau handling of the precomputed probabilities (the paper's
+    # T = 3 on the eval store; T = 1 elsewhere, where these random teachers' softened rows
+    # would differ too little between examples for the last check to bite); batch-mean KL
+    # keeps the kd term large enough to notice a wrong row. (Hard distillation uses the same
+    # targets' argmax: the store tests check it is the teacher's.)
+    init, tau, overrides, store_fixture = {
+        "eval": (teacher_init, 3.0, {}, "store_dir"),
+        "crops": (teacher_init, 1.0, CROPS, "crop_store_dir"),
+        "deit": (deit_teacher_init, 1.0, {"distillation.teacher": DEIT_TEACHER},
+                 "deit_store_dir"),
+    }[kind]
+    store_dir = request.getfixturevalue(store_fixture)
+    config = smoke_config(init, "distill=soft,smoke", **overrides, **{
+        "distillation.tau": tau, "distillation.alpha": 0.5,
         "distillation.kd_reduction": "batchmean"})
+    teacher = build_teacher(init, **overrides)
     source = input_pipeline.synthetic("train", NUM_EXAMPLES, NUM_CLASSES, 32)
     layout = input_pipeline.Layout.current(config.batch_size)
     store = teacher_logits.open_for_training(
-        smoke_config(teacher_init, **{"distillation.teacher": f"precomputed:{store_dir}"}),
-        num_classes=10, num_examples=NUM_EXAMPLES)
-    batches = teacher_logits.attach(
-        input_pipeline.train_batches(config, source, layout, image_size=32), store)
+        smoke_config(init, **{**overrides, "distillation.teacher": f"precomputed:{store_dir}"}),
+        num_classes=10, num_examples=NUM_EXAMPLES, image_size=32)
+    batches = teacher_logits.attach(input_pipeline.train_batches(
+        config, source, layout, image_size=32, crops=store.crops), store)
     batch = next(batches)
     assert batch["teacher_logits"].shape == (8, 4, NUM_CLASSES)
-    # The premise: this training view is the eval view the store's teacher saw.
-    images, ids = eval_views(config)
-    np.testing.assert_array_equal(ids, np.arange(NUM_EXAMPLES))
-    np.testing.assert_array_equal(batch["image"].reshape(-1, 32, 32, 3),
-                                  images[batch["index"].reshape(-1)])
+    if kind != "crops":  # the premise: this training view is the eval view the store's saw
+        images, ids = eval_views(config)
+        np.testing.assert_array_equal(ids, np.arange(NUM_EXAMPLES))
+        np.testing.assert_array_equal(batch["image"].reshape(-1, 32, 32, 3),
+                                      images[batch["index"].reshape(-1)])
 
     model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
     tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=8)
@@ -252,17 +482,20 @@ def test_precomputed_step_equals_on_the_fly_step_on_the_same_views(store_dir, te
                                           lr_fn=lr_fn, config=config), axis_name=steps.AXIS)
 
     _, fly = p_train_step(teacher)(
-        state, {k: v for k, v in batch.items() if k != "teacher_logits"},
+        state, {k: v for k, v in batch.items() if k not in ("teacher_logits", "view")},
         jax_utils.replicate(teacher.variables))
-    p_pre = p_train_step(Teacher(precomputed_dir=str(store_dir)))
+    p_pre = p_train_step(Teacher(precomputed=True))
     _, pre = p_pre(state, batch, None)
     loss_fly, loss_pre = float(fly["loss"][0]), float(pre["loss"][0])
-    # What differs: float16 storage of the teacher's logits (relative 2^-11) and the
-    # round trip tau * log(softmax(logits / tau)) of the precomputed path.
-    # Measured: 7e-6 relative on the loss (8.83), 2e-7 on the gradient norm.
-    assert loss_pre == pytest.approx(loss_fly, rel=5e-5)
-    np.testing.assert_allclose(pre["grad_norm"][0], fly["grad_norm"][0], rtol=1e-4)
-    # The comparison can fail: other examples' logits change the loss by far more.
+    # What differs: float16 storage of the teacher's logits (relative 2^-11; the DeiT
+    # teacher's logits are the largest) and the round trip tau * log(softmax(logits / tau)) of
+    # the precomputed path. Measured (relative, loss / gradient norm): eval 7e-6 / 2e-7,
+    # crops 1.7e-5 / 5e-6, deit 2.7e-5 / 2e-5.
+    rtol = 1e-4
+    assert loss_pre == pytest.approx(loss_fly, rel=rtol)
+    np.testing.assert_allclose(pre["grad_norm"][0], fly["grad_norm"][0], rtol=rtol)
+    # The comparison can fail: other examples' logits change the loss by far more (measured,
+    # relative: eval 1.1e-2, crops 2.7e-3, deit 6.4e-3).
     wrong = dict(batch, teacher_logits=np.roll(batch["teacher_logits"], 1, axis=1))
     _, bad = p_pre(state, wrong, None)
-    assert abs(float(bad["loss"][0]) - loss_fly) > 100 * 5e-5 * loss_fly  # measured: 1e-2
+    assert abs(float(bad["loss"][0]) - loss_fly) > 10 * rtol * loss_fly
