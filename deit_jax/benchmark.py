@@ -1,15 +1,18 @@
 """Throughput of the real pmapped train / eval step on synthetic, device-resident data.
 
     python -m deit_jax.benchmark --model=deit_tiny_distilled_patch16_224 --batch_size=32 \
-        --mode=train [--teacher=regnety_160] [--dtype=bfloat16] [--steps=20] [--warmup=3] \
-        [--peak_tflops=989] [--attention_impl=cudnn]
+        --mode=train [--teacher=regnety_160|precomputed] [--dtype=bfloat16] [--steps=20] \
+        [--warmup=3] [--peak_tflops=989] [--attention_impl=cudnn]
 
 Times exactly the function the trainer runs: ``steps.train_step`` (or ``steps.eval_step``) under
 ``jax.pmap(..., axis_name='batch', donate_argnums=(0,))`` over every local device, the recipe of
 ``configs.common.base_config()`` (mixup/cutmix, label smoothing, drop path, AdamW, EMA), with a
-randomly initialised teacher when ``--teacher`` is given (hard distillation). The batch is put on
-the devices once, so the figure excludes the input pipeline. The host waits for the devices only
-after the warm-up and after the timed steps, never per step. Prints one JSON line.
+randomly initialised teacher when ``--teacher`` names a model (hard distillation), or with
+``--teacher=precomputed`` the step a precomputed teacher-logits store gives (the batch carries
+random ``teacher_logits [devices, per_device, classes]``; no teacher runs). The batch is put on
+the devices once, so the figure excludes the input pipeline (and the store's host lookup). The
+host waits for the devices only after the warm-up and after the timed steps, never per step.
+Prints one JSON line.
 
 FLOPs come from XLA's cost analysis of the compiled per-device program (every op: matmuls and
 convolutions as 2 per multiply-add, plus elementwise work, the optimizer update and, with a
@@ -65,9 +68,12 @@ def build_config(model: str, batch_size: int, *, teacher: str = "", distillation
             raise ValueError(f"distillation must be hard or soft with a teacher, got "
                              f"{distillation!r}")
         c.distillation.kind = distillation
-        c.distillation.teacher = teacher
-        c.distillation.teacher_init = "random"  # weights do not change the cost
-        c.distillation.teacher_dtype = dtype
+        if teacher == "precomputed":
+            c.distillation.teacher = "precomputed:synthetic"  # logits made up by the benchmark
+        else:
+            c.distillation.teacher = teacher
+            c.distillation.teacher_init = "random"  # weights do not change the cost
+            c.distillation.teacher_dtype = dtype
     else:
         c.distillation.kind = "none"
     return c
@@ -114,6 +120,9 @@ def synthetic_batch(config: ml_collections.ConfigDict, image_size: int, devices:
         "label": rng.integers(0, config.dataset.num_classes, shape, dtype=np.int32)}
     if mode == "eval":
         batch["mask"] = np.ones(shape, np.float32)
+    if mode == "train" and config.distillation.teacher.startswith("precomputed:"):
+        batch["teacher_logits"] = rng.standard_normal((*shape, config.dataset.num_classes),
+                                                      dtype=np.float32)
     return {k: _shard(v) for k, v in batch.items()}
 
 
@@ -144,7 +153,10 @@ def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: 
 
     teacher = steps.Teacher()
     teacher_flops = None
-    if mode == "train" and config.distillation.kind != "none":
+    precomputed = config.distillation.teacher.startswith("precomputed:")
+    if mode == "train" and config.distillation.kind != "none" and precomputed:
+        teacher = steps.Teacher(precomputed=True)
+    elif mode == "train" and config.distillation.kind != "none":
         t_model = models.create_model(config.distillation.teacher, num_classes=num_classes,
                                       dtype=jnp.dtype(config.distillation.teacher_dtype))
         t_vars = steps.init_variables(t_model, jax.random.key(config.seed + 1), image_size)
@@ -203,7 +215,8 @@ def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: 
         "model": config.model.name,
         "mode": mode,
         "dtype": config.model.dtype,
-        "teacher": config.distillation.teacher if teacher.model else None,
+        "teacher": ("precomputed" if teacher.precomputed else
+                    config.distillation.teacher if teacher.model else None),
         "distillation": config.distillation.kind if mode == "train" else None,
         "attention_impl": config.model.attention_impl or "xla",
         "img_size": image_size,
@@ -240,6 +253,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=128, help="global, over all local devices")
     p.add_argument("--mode", default="train", choices=MODES)
     p.add_argument("--teacher", default="", help="teacher model name (random weights); "
+                   "'precomputed' = logits in the batch (a teacher-logits store's step); "
                    "'' = no teacher, distillation.kind='none'")
     p.add_argument("--distillation", default="hard", choices=("hard", "soft"),
                    help="the distillation kind when --teacher is given")

@@ -291,8 +291,11 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
             hflip=aug.hflip, auto_augment=aug.auto_augment or None,
             color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
             re_count=aug.re_count, interpolation=aug.interpolation, crop=crop)
-        return {"image": image, "label": element["label"], "loaded": element["loaded"],
-                **{k: element[k] for k in keys if k in ("index", "view")}}
+        out = {"image": image, "label": element["label"], "index": element["index"],
+               "loaded": element["loaded"]}
+        if crops is not None:
+            out["view"] = element["view"]
+        return out
 
     def epoch_arrays(epoch: int):
         """(index, epoch, position) of this process's examples, in batch order."""

@@ -1,7 +1,7 @@
 """Precomputed teacher logits: write them once over the training split, join them to batches.
 
     python -m deit_jax.teacher_logits --config=configs/deit_s.py:distill=hard \
-        --config.distillation.teacher_init=TEACHER_DIR --out=LOGITS_DIR [--top_k=10]
+        --config.distillation.teacher_init=TEACHER_DIR --out=LOGITS_DIR [--top_k=10] [--views=10]
     python -m deit_jax.main --config=configs/deit_s.py:distill=hard,teacher=precomputed,\
 teacher_logits=LOGITS_DIR --workdir=RUN_DIR
 

@@ -191,7 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the last evaluation (``eval/top1_cls``, ``eval_ema/top1_fused``, ...) with the
     first and last logged training losses of this invocation (``train/loss_first``,
-    ``train/loss``).
+    ``train/loss``) and its median images/s over the logging intervals after the first,
+    compiling, step (``train/images_per_sec``; evaluation time excluded).
 
     Every check on the config, the data, the teacher and ``init_from`` runs before the first
     step is compiled. Resumes from the latest checkpoint in ``workdir``.
@@ -297,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending: list[tuple[int, dict]] = []
     results: dict[str, float] = {}
     train_loss: list[float] = []  # per logging interval, returned with the eval results
+    train_rate: list[float] = []  # images/s per logging interval after the compiling step
     t_interval = time.time()
 
     def flush_metrics(step):
@@ -318,6 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary["epoch"] = step / steps_per_epoch
         writer.write_scalars(step, summary)
         train_loss.append(summary["loss"])
+        if step > start_step + 1:
+            train_rate.append(summary["images_per_sec"])
         pending, t_interval = [], time.time()
 
     preemption = PreemptionWatcher()
@@ -363,4 +367,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.flush()
     if train_loss:
         results.update({"train/loss_first": train_loss[0], "train/loss": train_loss[-1]})
+    if train_rate:
+        results["train/images_per_sec"] = float(np.median(train_rate))
     return results

@@ -66,6 +66,21 @@ def test_benchmark_record(capsys, mode):
     assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
 
 
+def test_teacher_kinds_cost_what_they_run(capsys):
+    """An on-the-fly teacher adds its forward to the step; precomputed logits add almost none."""
+    none = _run(capsys, mode="train")
+    fly = _run(capsys, mode="train", teacher="regnety_002")
+    pre = _run(capsys, mode="train", teacher="precomputed")
+    assert (none["teacher"], fly["teacher"], pre["teacher"]) == (None, "regnety_002",
+                                                                "precomputed")
+    assert fly["teacher_flops_per_image"] > 0.1 * none["flops_per_image"]
+    assert fly["flops_per_image"] == pytest.approx(
+        none["flops_per_image"] + fly["teacher_flops_per_image"], rel=0.02)
+    assert pre["teacher_flops_per_image"] is None
+    # Mixing the stored probabilities (softmax, log over 10 classes) is all the extra work.
+    assert pre["flops_per_image"] == pytest.approx(none["flops_per_image"], rel=0.01)
+
+
 def test_flop_formula_matches_the_paper():
     # DeiT-Ti forward at 224 (distilled: 198 tokens): the paper's 2.5 GFLOPs (1.3 GMACs).
     ti = vit_flops(img_size=224, patch_size=16, embed_dim=192, depth=12, num_classes=1000)
@@ -77,6 +92,8 @@ def test_build_config_teacher_sets_hard_distillation():
     assert (c.distillation.kind, c.distillation.teacher) == ("hard", "regnety_002")
     assert c.distillation.teacher_init == "random" and c.mixup.prob == 1.0
     assert benchmark.build_config("deit_tiny_patch16_224", 64).distillation.kind == "none"
+    pre = benchmark.build_config("deit_tiny_distilled_patch16_224", 64, teacher="precomputed")
+    assert pre.distillation.kind == "hard" and pre.distillation.teacher.startswith("precomputed:")
 
 
 def test_import_pulls_in_no_tensorflow_or_torch():

@@ -47,12 +47,7 @@ def smoke_config(teacher_init, variant=VARIANT, **overrides):
     config = deit_ti.get_config(variant)
     config.unlock()
     config.distillation.teacher_init = str(teacher_init)
-    for key, value in {**SAME_VIEWS, **overrides}.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    config.update_from_flattened_dict({**SAME_VIEWS, **overrides})
     config.lock()
     return config
 
