@@ -13,8 +13,9 @@ fused output. Each stage alone:
 
 The recipe is DeiT's, scaled down: AdamW, warmup + cosine, label smoothing, EMA; lighter
 augmentation (crops keep most of a 28px image; no RandAugment, mixup or erasing) for a run of a
-few epochs (teacher 1, student 2). Measured on 2 CPU cores (CI machine, 2026-11-28): teacher
-75.9%, student cls 72.8% / dist 73.1% / fused 73.1% top-1; 157 s + 268 s.
+few epochs (teacher 1, student 2). Measured on 2 CPU cores (CI machine, 2026-12-01): teacher
+76.3%, student cls 76.3% / dist 75.3% / fused 75.8% top-1; 153 s + 210 s (other CPU models give
+other digits: XLA's CPU numerics differ between them).
 """
 
 from configs import common
