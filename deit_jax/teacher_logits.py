@@ -288,11 +288,10 @@ class TeacherLogitsStore:
         if self.views is None:
             return
         stored = self.manifest["transform"]
-        aug = config.aug
-        want = {"image_size": image_size, "interpolation": aug.interpolation,
-                "scale": [float(x) for x in aug.scale], "ratio": [float(x) for x in aug.ratio],
-                "hflip": float(aug.hflip)}
-        differ = {k: (stored.get(k), v) for k, v in want.items() if stored.get(k) != v}
+        # The seed only chose the stored views; any run may replay them.
+        want = _transform_record(config, image_size, self.views)
+        differ = {k: (stored.get(k), v) for k, v in want.items()
+                  if k != "seed" and stored.get(k) != v}
         if differ:
             raise ValueError(
                 f"{self.directory} stores crop views drawn with "
