@@ -54,14 +54,20 @@ def load_pretrained(path: str) -> dict:
     return variables
 
 
+def fit_pos_embed(pos_embed: np.ndarray, model: nn.Module) -> np.ndarray:
+    """``pos_embed`` resampled to ``model``'s patch grid (the official fine-tuning rule)."""
+    from deit_jax.convert import resample_pos_embed
+
+    side = model.img_size // model.patch_size
+    return resample_pos_embed(np.asarray(pos_embed), (side, side), model.num_prefix_tokens)
+
+
 def adapt_pretrained(pretrained: dict, target: dict, model: nn.Module) -> dict:
     """Fits ``pretrained`` params to ``target``'s shapes for fine-tuning.
 
     ``pos_embed`` is resampled to the new grid (official fine-tuning rule) and heads whose class
     count differs are re-initialised (taken from ``target``); any other mismatch is an error.
     """
-    from deit_jax.convert import resample_pos_embed
-
     flat_src = flax.traverse_util.flatten_dict(pretrained)
     flat_dst = flax.traverse_util.flatten_dict(target)
     missing = sorted("/".join(k) for k in set(flat_dst) - set(flat_src))
@@ -74,8 +80,7 @@ def adapt_pretrained(pretrained: dict, target: dict, model: nn.Module) -> dict:
         src = np.asarray(flat_src[key])
         if src.shape != dst.shape:
             if key == ("pos_embed",):
-                side = model.img_size // model.patch_size
-                src = resample_pos_embed(src, (side, side), model.num_prefix_tokens)
+                src = fit_pos_embed(src, model)
             elif key[0] in ("head", "head_dist"):
                 logging.info("init_from: re-initialising %s (%s -> %s classes)", key[0],
                              src.shape[-1], dst.shape[-1])
@@ -131,13 +136,9 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
     flat_t, flat_v = (flax.traverse_util.flatten_dict(t) for t in (target, variables))
     pos = ("params", "pos_embed")
     if models.is_deit(dist.teacher) and pos in flat_v and flat_v[pos].shape != flat_t[pos].shape:
-        from deit_jax.convert import resample_pos_embed
-
-        side = image_size // model.patch_size
         logging.info("teacher %s: resampling pos_embed %s -> %s for %dx%d inputs", dist.teacher,
                      flat_v[pos].shape, flat_t[pos].shape, image_size, image_size)
-        flat_v[pos] = resample_pos_embed(np.asarray(flat_v[pos]), (side, side),
-                                         model.num_prefix_tokens)
+        flat_v[pos] = fit_pos_embed(flat_v[pos], model)
         variables = flax.traverse_util.unflatten_dict(flat_v)
     # The head's output width is the class count (DeiT: head/kernel, RegNet: head_fc/kernel).
     widths = {v.shape[-1] for k, v in flat_v.items() if k[1].startswith("head")

@@ -408,7 +408,7 @@ def test_crop_store_must_match_the_runs_crops(crop_store_dir):
 
 def test_deit_teacher_sees_the_students_resolution(deit_teacher_init):
     teacher = build_teacher(deit_teacher_init, **{"distillation.teacher": DEIT_TEACHER})
-    assert models.is_deit(DEIT_TEACHER) and teacher.model.img_size == 32
+    assert teacher.model.img_size == 32
     saved, _ = checkpoint.load_variables(str(deit_teacher_init))
     # The 14x14 grid of the checkpoint resampled to the 2x2 grid of 32x32 inputs (official
     # fine-tuning rule: prefix tokens kept, PyTorch bicubic on the patch part).
