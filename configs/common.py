@@ -80,7 +80,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.aug.re_prob = 0.25
     c.aug.re_mode = "pixel"
     c.aug.re_count = 1
+    # Repeats per image (the official RASampler in a distributed run, the paper's recipe); 1 =
+    # no repeats, as the official DistributedSampler, or RandomSampler in a single process.
     c.aug.repeated_aug = 3
+    # With repeats an epoch keeps len(train) // ra_multiple * ra_multiple samples (the official
+    # RASampler's 256); 1 = all up to the last full batch. Same steps when 256 divides the batch.
+    c.aug.ra_multiple = 256
     c.aug.eval_crop_ratio = 0.875
 
     c.mixup = ml_collections.ConfigDict()
@@ -113,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.warmup_lr = 1e-6
     c.optim.min_lr = 1e-5
     c.optim.per_epoch = True  # the official code steps the schedule once per epoch
+    # Official: main.py steps the scheduler after each epoch, so epoch e trains at f(e - 1)
+    # (epochs 0 and 1 at warmup_lr). False: epoch e at f(e), as the paper's text reads.
+    # Applies to per_epoch schedules only (optim.lr_schedule).
+    c.optim.official_lr_lag = True
     c.optim.clip_grad = 0.0  # 0 = no clipping (official)
     c.optim.grad_accum_steps = 1
 
@@ -148,13 +157,13 @@ def apply_variant(c: ml_collections.ConfigDict, size: str, arg: ml_collections.C
     elif arg.teacher != "onthefly":
         raise ValueError(f"teacher must be onthefly or precomputed, got {arg.teacher!r}")
     if arg.res == 384:
-        # Fine-tune the 224 checkpoint at 384 (official: lr 5e-6 x batch/512, wd 1e-8, 30 ep).
+        # Fine-tune the 224 checkpoint at 384 (official: lr 5e-6 x batch/512, wd 1e-8, 30 ep,
+        # min lr 5e-6, and the default warmup: 5 epochs from warmup_lr 1e-6).
         c.model.name = c.model.name.replace("_224", "_384") if size == "b" else c.model.name
         c.model.img_size = 384
         c.optim.lr = 5e-6
         c.optim.min_lr = 5e-6
         c.optim.weight_decay = 1e-8
-        c.optim.warmup_epochs = 0.0
         c.num_epochs = 30.0
         c.batch_size = 512
         c.eval_batch_size = 512
@@ -191,7 +200,9 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     c.batch_size = 32
     c.eval_batch_size = 32
     c.num_epochs = 2.0
-    c.optim.warmup_epochs = 1.0
+    # No warmup: with the official one-epoch lag (optim.official_lr_lag) a 1-epoch warmup
+    # would keep both epochs at warmup_lr; without, both train at the peak lr f(0).
+    c.optim.warmup_epochs = 0.0
     c.log_every_steps = 4
     c.eval_every_epochs = 1.0
     c.checkpoint_every_steps = 8

@@ -112,14 +112,17 @@ class Batches(Iterator[dict]):
 
 
 def epoch_plan(num_examples: int, epoch: int, seed: int, *, num_replicas: int,
-               num_repeats: int = 1, shuffle: bool = True) -> np.ndarray:
+               num_repeats: int = 1, shuffle: bool = True, ra_multiple: int = 1) -> np.ndarray:
     """Example indices of one training epoch for every replica: ``[num_replicas, per_replica]``.
 
     The official RASampler: a seeded permutation, each index repeated ``num_repeats`` times
     consecutively, padded by wrapping, then dealt round-robin to replicas (here: global
     devices), so the repeats of an image land on different devices with independent
-    augmentations. Each replica keeps ``num_examples // num_replicas`` indices, so an epoch is
-    still ``len(train)`` samples.
+    augmentations. Each replica keeps ``floor(kept / num_replicas)`` indices, where ``kept`` is
+    ``num_examples`` rounded down to a multiple of ``ra_multiple`` with repeats (the official
+    sampler's ``len // 256 * 256``; ``aug.ra_multiple``) and ``num_examples`` without: an epoch
+    is still about ``len(train)`` samples, repeats counted. ``num_repeats=1`` is the official
+    DistributedSampler (RandomSampler in a single process): a plain permutation.
     """
     order = (np.random.default_rng([seed, epoch]).permutation(num_examples) if shuffle
              else np.arange(num_examples))
@@ -127,7 +130,15 @@ def epoch_plan(num_examples: int, epoch: int, seed: int, *, num_replicas: int,
     total = math.ceil(len(order) / num_replicas) * num_replicas
     order = np.concatenate([order, order[:total - len(order)]])
     dealt = order.reshape(-1, num_replicas).T  # dealt[r] = order[r::num_replicas]
-    return dealt[:, :num_examples // num_replicas]
+    return dealt[:, :epoch_samples(num_examples, num_repeats, ra_multiple) // num_replicas]
+
+
+def epoch_samples(num_examples: int, num_repeats: int = 1, ra_multiple: int = 1) -> int:
+    """Samples an epoch keeps, over all replicas: the official RASampler's ``N // 256 * 256``
+    (``ra_multiple=256``) with repeats, all ``N`` without (before rounding to replicas)."""
+    if ra_multiple < 1:
+        raise ValueError(f"aug.ra_multiple must be >= 1, got {ra_multiple}")
+    return num_examples // ra_multiple * ra_multiple if num_repeats > 1 else num_examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +275,8 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
     """
     aug = config.aug
     num_replicas = layout.process_count * layout.local_devices
-    n_steps = steps_per_epoch(source.num_examples, layout.global_batch)
+    n_steps = steps_per_epoch(source.num_examples, layout.global_batch,
+                              num_repeats=aug.repeated_aug, ra_multiple=aug.ra_multiple)
     if n_steps == 0:
         raise DataError(f"{source.num_examples} training examples give no full batch of "
                         f"{layout.global_batch}; lower batch_size")
@@ -300,7 +312,7 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
     def epoch_arrays(epoch: int):
         """(index, epoch, position) of this process's examples, in batch order."""
         plan = epoch_plan(source.num_examples, epoch, config.seed, num_replicas=num_replicas,
-                          num_repeats=aug.repeated_aug)
+                          num_repeats=aug.repeated_aug, ra_multiple=aug.ra_multiple)
         n = n_steps * layout.per_device
         # This process's replicas (devices), step-major: each step holds each local device's
         # slice in device order, which the final reshape turns into [devices, per_device].
@@ -348,9 +360,22 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
     return Batches(checked(), errors)
 
 
-def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-    """Full global batches per epoch (the last partial batch is dropped, as the official code)."""
-    return num_examples // global_batch
+def steps_per_epoch(num_examples: int, global_batch: int, *, num_repeats: int = 1,
+                    ra_multiple: int = 1) -> int:
+    """Full global batches per epoch (the last partial batch is dropped, as the official code).
+
+    With repeated augmentation (``num_repeats > 1``) the epoch keeps ``N // ra_multiple *
+    ra_multiple`` samples first, as the official RASampler (``ra_multiple=256``); for a batch
+    that is a multiple of ``ra_multiple`` (every official recipe) that changes nothing.
+    """
+    kept = epoch_samples(num_examples, num_repeats, ra_multiple)
+    if kept < global_batch <= num_examples:
+        raise ValueError(
+            f"repeated augmentation keeps {num_examples} // {ra_multiple} * {ra_multiple} = "
+            f"{kept} samples per epoch (the official RASampler's rule), less than one batch of "
+            f"{global_batch}; set --config.aug.ra_multiple=1 (keep every full batch) or "
+            "--config.aug.repeated_aug=1")
+    return kept // global_batch
 
 
 def eval_batches(config: ml_collections.ConfigDict, source: Source, layout: Layout, *,

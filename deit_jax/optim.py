@@ -21,26 +21,42 @@ def scaled_lr(base_lr: float, global_batch_size: int) -> float:
 
 def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
                 ) -> Callable[[jax.Array], jax.Array]:
-    """step -> lr: timm's CosineLRScheduler as the official code configures it.
+    """step -> lr: timm's CosineLRScheduler f(t), stepped as the official main.py steps it.
 
-    Linear warmup from ``warmup_lr`` over ``warmup_epochs``, then
-    ``min_lr + (lr - min_lr) * (1 + cos(pi * epoch / epochs)) / 2``; the cosine is evaluated
-    at the absolute epoch (timm's ``warmup_prefix=False``), and stays at ``min_lr`` after
-    ``epochs``. ``per_epoch`` steps the schedule once an epoch, as the official code does;
-    otherwise it is evaluated at the fractional epoch every step.
+    ``f(t)`` (t in epochs): linear warmup from ``warmup_lr`` over ``warmup_epochs``, then
+    ``min_lr + (lr - min_lr) * (1 + cos(pi * t / epochs)) / 2`` at the absolute epoch (timm's
+    ``warmup_prefix=False``), ``min_lr`` from ``t >= epochs`` on (``cycle_limit=1``).
+
+    ``per_epoch`` (official): the lr changes once an epoch. main.py builds the scheduler (lr
+    f(0)) and calls ``lr_scheduler.step(epoch)`` at the *end* of epoch ``epoch``, so epoch e
+    trains at ``f(max(e - 1, 0))``: epochs 0 and 1 both at ``warmup_lr``, the last epoch at
+    ``f(epochs - 2)``. ``official_lr_lag=False`` trains epoch e at ``f(e)`` instead, as the
+    paper's text reads. Otherwise (``per_epoch=False``) the lr is ``f(step / steps_per_epoch)``
+    every step, as timm's per-update schedules (``step_update`` after each update: update k at
+    f(k)); there is no lag to reproduce, and ``official_lr_lag`` does not apply.
+
+    A pure function of the optimizer step, so a resumed run follows the uninterrupted schedule
+    exactly. Computed in the default float dtype (float64 under ``jax_enable_x64``).
     """
     opt = config.optim
     peak = scaled_lr(opt.lr, config.batch_size)
     epochs, warmup = float(config.num_epochs), float(opt.warmup_epochs)
+    per_epoch, lag = bool(opt.per_epoch), bool(opt.official_lr_lag)
+    ftype = jnp.result_type(float)
 
     def schedule(step):
-        epoch = jnp.asarray(step, jnp.float32) / steps_per_epoch
-        if opt.per_epoch:
-            epoch = jnp.floor(epoch)
-        warm = opt.warmup_lr + epoch * (peak - opt.warmup_lr) / max(warmup, 1e-8)
-        cos = opt.min_lr + 0.5 * (peak - opt.min_lr) * (1 + jnp.cos(jnp.pi * epoch / epochs))
-        lr = jnp.where(epoch < warmup, warm, cos)
-        return jnp.where(epoch >= epochs, opt.min_lr, lr)
+        step = jnp.asarray(step)
+        if per_epoch:
+            epoch = step // steps_per_epoch  # integer: exact at epoch boundaries
+            if lag:
+                epoch = jnp.maximum(epoch - 1, 0)
+            t = epoch.astype(ftype)
+        else:
+            t = step.astype(ftype) / steps_per_epoch
+        warm = opt.warmup_lr + t * (peak - opt.warmup_lr) / max(warmup, 1e-8)
+        cos = opt.min_lr + 0.5 * (peak - opt.min_lr) * (1 + jnp.cos(jnp.pi * t / epochs))
+        lr = jnp.where(t < warmup, warm, cos)
+        return jnp.where(t >= epochs, opt.min_lr, lr)
 
     return schedule
 

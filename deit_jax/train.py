@@ -216,7 +216,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     teacher = build_teacher(config, model, num_classes, image_size,
                             num_examples=train_source.num_examples)
 
-    steps_per_epoch = input_pipeline.steps_per_epoch(train_source.num_examples, config.batch_size)
+    steps_per_epoch = input_pipeline.steps_per_epoch(
+        train_source.num_examples, config.batch_size, num_repeats=config.aug.repeated_aug,
+        ra_multiple=config.aug.ra_multiple)
     if steps_per_epoch == 0:
         raise ValueError(f"{train_source.num_examples} training examples hold no full batch of "
                          f"{config.batch_size}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import math
 import os
 
 import numpy as np
@@ -24,6 +25,9 @@ IMG = 16  # model input size in these tests: small keeps RandAugment cheap
 def make_config(**aug):
     c = common.base_config()
     c.seed = 3
+    # These sets hold fewer than 256 examples: the official RASampler's N // 256 * 256 epoch
+    # (test_ra_epoch_length_matches_the_official_sampler) would keep none of them.
+    c.aug.ra_multiple = 1
     for k, v in aug.items():
         c.aug[k] = v
     return c
@@ -308,6 +312,40 @@ def test_repeated_augmentation_across_two_processes():
     order = np.repeat(np.arange(10), 3)
     order = np.concatenate([order, order[:32 - 30]])
     np.testing.assert_array_equal(plan, np.stack([order[r::4][:10 // 4] for r in range(4)]))
+
+
+def official_ra_sampler(n, num_replicas, rank, num_repeats=3):
+    """facebookresearch/deit samplers.py RASampler.__iter__ with shuffle=False, verbatim."""
+    num_samples = int(math.ceil(n * num_repeats / num_replicas))
+    total_size = num_samples * num_replicas
+    num_selected_samples = int(math.floor(n // 256 * 256 / num_replicas))
+    indices = np.repeat(np.arange(n), num_repeats).tolist()
+    padding_size = total_size - len(indices)
+    if padding_size > 0:
+        indices += indices[:padding_size]
+    indices = indices[rank:total_size:num_replicas]
+    return indices[:num_selected_samples]
+
+
+@pytest.mark.parametrize("n,replicas,per_device", [(1000, 8, 16), (1281, 8, 32), (700, 4, 25),
+                                                   (3000, 16, 10)])
+def test_ra_epoch_length_matches_the_official_sampler(n, replicas, per_device):
+    plan = ip.epoch_plan(n, 0, 0, num_replicas=replicas, num_repeats=3, shuffle=False,
+                         ra_multiple=256)
+    official = np.stack([official_ra_sampler(n, replicas, r) for r in range(replicas)])
+    np.testing.assert_array_equal(plan, official)
+    # drop_last per replica: the official loader's steps per epoch.
+    batch = replicas * per_device
+    steps = ip.steps_per_epoch(n, batch, num_repeats=3, ra_multiple=256)
+    assert steps == len(official[0]) // per_device
+    # Rounding only to the batch (ra_multiple=1) gives the same steps when 256 divides the
+    # batch, more steps otherwise.
+    rounded = ip.steps_per_epoch(n, batch, num_repeats=3)
+    assert rounded == n // batch and (rounded > steps) == (batch % 256 != 0)
+    # Without repeats (the official DistributedSampler / RandomSampler) nothing is rounded.
+    assert ip.steps_per_epoch(n, batch, ra_multiple=256) == n // batch
+    with pytest.raises(ValueError, match="ra_multiple=1"):
+        ip.steps_per_epoch(200, 64, num_repeats=3, ra_multiple=256)
 
 
 def test_per_process_split_is_disjoint_and_covers_the_plan():

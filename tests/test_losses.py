@@ -107,20 +107,62 @@ def test_mixup_pairs_with_reversed_batch_and_switches():
     assert float(lam) == 1.0 and np.array_equal(mixed, images)
 
 
-def test_lr_schedule_matches_timm_cosine_scheduler():
+def _timm_cosine(peak, epochs, warmup, t_in_epochs=True):
+    """timm's CosineLRScheduler as timm 0.3.2's create_scheduler builds it for main.py."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    return opt, CosineLRScheduler(opt, t_initial=epochs, lr_min=1e-5, warmup_lr_init=1e-6,
+                                  warmup_t=warmup, cycle_limit=1, t_in_epochs=t_in_epochs)
+
+
+@pytest.mark.parametrize("warmup", [3, 0])
+def test_lr_schedule_matches_timm_cosine_scheduler_stepped_as_main_py(warmup):
     config = common.base_config()
     config.batch_size, config.num_epochs = 2048, 20.0
-    config.optim.warmup_epochs = 3.0
+    config.optim.warmup_epochs = float(warmup)
     steps_per_epoch = 7
-    schedule = optim.lr_schedule(config, steps_per_epoch)
     peak = 5e-4 * 2048 / 512
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    timm_sched = CosineLRScheduler(opt, t_initial=20, lr_min=1e-5, warmup_lr_init=1e-6,
-                                   warmup_t=3, cycle_limit=1, t_in_epochs=True)
+    schedule = optim.lr_schedule(config, steps_per_epoch)
+    config.optim.official_lr_lag = False
+    paper = optim.lr_schedule(config, steps_per_epoch)
+    opt, timm_sched = _timm_cosine(peak, 20, warmup)
+    official = []  # main.py: the lr of epoch e is set by lr_scheduler.step(e - 1) after e - 1
     for epoch in range(25):
+        official.append(opt.param_groups[0]["lr"])
         for step in (epoch * steps_per_epoch, epoch * steps_per_epoch + 6):
-            np.testing.assert_allclose(float(schedule(step)), timm_sched._get_lr(epoch)[0],
+            np.testing.assert_allclose(float(schedule(step)), official[-1], rtol=1e-5,
+                                       err_msg=f"epoch {epoch}")
+            np.testing.assert_allclose(float(paper(step)), timm_sched._get_lr(epoch)[0],
                                        rtol=1e-5, err_msg=f"epoch {epoch}")
+        timm_sched.step(epoch)
+    if warmup:  # epochs 0 and 1 both at warmup_lr; the project's old schedule had f(1) at 1
+        assert official[0] == official[1] == 1e-6 < float(paper(steps_per_epoch))
+    # The last epoch (19) trains at f(18), epoch 20 (past the end) at f(19): min_lr not reached.
+    assert official[20] == pytest.approx(timm_sched._get_lr(19)[0]) and official[20] > 1e-5
+
+    # The official resume quirk: resumed at epoch k, main.py calls lr_scheduler.step(k) before
+    # training epoch k, which then runs at f(k), not the uninterrupted run's f(k - 1). The
+    # project's schedule is a pure function of the step: resuming changes nothing.
+    k = 6
+    _, resumed = _timm_cosine(peak, 20, warmup)
+    resumed.step(k)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(timm_sched._get_lr(k)[0])
+    np.testing.assert_allclose(float(schedule(k * steps_per_epoch)), official[k], rtol=1e-5)
+    assert abs(official[k] - timm_sched._get_lr(k)[0]) > 1e-4
+
+
+def test_per_step_lr_schedule_matches_timm_step_update():
+    # per_epoch=False (the quickstart): timm's per-update schedule, step_update(n) after each
+    # update, so update k trains at f(k); the official lag does not apply.
+    config = common.base_config()
+    config.batch_size, config.num_epochs = 2048, 4.0
+    config.optim.warmup_epochs, config.optim.per_epoch = 0.5, False
+    steps_per_epoch = 6
+    schedule = optim.lr_schedule(config, steps_per_epoch)
+    opt, timm_sched = _timm_cosine(5e-4 * 2048 / 512, 4 * steps_per_epoch, 3, t_in_epochs=False)
+    for update in range(30):
+        np.testing.assert_allclose(float(schedule(update)), opt.param_groups[0]["lr"],
+                                   rtol=1e-5, err_msg=f"update {update}")
+        timm_sched.step_update(update + 1)
 
 
 def test_weight_decay_mask():

@@ -24,6 +24,13 @@ _init_02 = nn.initializers.normal(0.02)
 _conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+def _conv_bias_init(fan_in: int):
+    """PyTorch's default Conv2d bias init, U(+-1/sqrt(fan_in)); timm's DeiT-era init keeps it."""
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound,
+                                                                    bound)
+
+
 def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, kernel_init=_init_02, bias_init=nn.initializers.zeros,
                     name=name)
@@ -52,7 +59,8 @@ class PatchEmbed(nn.Module):
         """[batch, height, width, 3] -> [batch, num_patches, embed_dim] (row-major patch order)."""
         p = self.patch_size
         x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    kernel_init=_conv_init, name="proj")(x)
+                    kernel_init=_conv_init, bias_init=_conv_bias_init(p * p * x.shape[-1]),
+                    name="proj")(x)
         b, h, w, d = x.shape
         return x.reshape(b, h * w, d)
 
