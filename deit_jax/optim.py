@@ -41,7 +41,9 @@ def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
     opt = config.optim
     peak = scaled_lr(opt.lr, config.batch_size)
     epochs, warmup = float(config.num_epochs), float(opt.warmup_epochs)
+    # Read now: the closure must not follow later edits of the config.
     per_epoch, lag = bool(opt.per_epoch), bool(opt.official_lr_lag)
+    warmup_lr, min_lr = float(opt.warmup_lr), float(opt.min_lr)
     ftype = jnp.result_type(float)
 
     def schedule(step):
@@ -53,10 +55,10 @@ def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int
             t = epoch.astype(ftype)
         else:
             t = step.astype(ftype) / steps_per_epoch
-        warm = opt.warmup_lr + t * (peak - opt.warmup_lr) / max(warmup, 1e-8)
-        cos = opt.min_lr + 0.5 * (peak - opt.min_lr) * (1 + jnp.cos(jnp.pi * t / epochs))
+        warm = warmup_lr + t * (peak - warmup_lr) / max(warmup, 1e-8)
+        cos = min_lr + 0.5 * (peak - min_lr) * (1 + jnp.cos(jnp.pi * t / epochs))
         lr = jnp.where(t < warmup, warm, cos)
-        return jnp.where(t >= epochs, opt.min_lr, lr)
+        return jnp.where(t >= epochs, min_lr, lr)
 
     return schedule
 
