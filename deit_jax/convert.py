@@ -100,12 +100,14 @@ def _check_keys(state_dict: Mapping[str, Any], expected: set[str], model_name: s
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model_name: str,
-                       img_size: int | None = None) -> dict:
+                       img_size: int | None = None, **overrides: Any) -> dict:
     """Converts a timm/official state dict (name -> array) to Flax variables.
 
-    DeiT models: returns ``params`` for ``create_model(model_name, img_size=img_size,
-    num_classes=<the checkpoint's>)``; when ``img_size`` differs from the checkpoint's grid,
-    ``pos_embed`` is resampled as in the official fine-tuning code. RegNetY models: returns
+    DeiT and DeiT III models: returns ``params`` for ``create_model(model_name,
+    img_size=img_size, num_classes=<the checkpoint's>, **overrides)``; when ``img_size``
+    differs from the checkpoint's grid, ``pos_embed`` is resampled as in the official fine-tuning
+    code. The official DeiT III ``.pth`` files' LayerScale keys (``blocks.N.gamma_1``/``gamma_2``)
+    are read as timm's (``blocks.N.ls1.gamma``/``ls2.gamma``). RegNetY models: returns
     ``{'params': ..., 'batch_stats': ...}`` (BatchNorm running statistics included).
     Missing, extra or mis-shaped keys raise ``ValueError`` naming them.
     """
@@ -115,7 +117,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str,
     if "head.weight" not in state_dict:
         raise ValueError(f"state dict for {model_name} has no 'head.weight' (keys: "
                          f"{sorted(state_dict)[:8]}...); is this a DeiT checkpoint?")
-    overrides = {"num_classes": state_dict["head.weight"].shape[0]}
+    if models.is_deit3(model_name):
+        state_dict = {re.sub(r"\.gamma_([12])$", r".ls\1.gamma", k): v
+                      for k, v in state_dict.items()}
+    overrides = {"num_classes": state_dict["head.weight"].shape[0], **overrides}
     if img_size is not None:
         overrides["img_size"] = img_size
     model = models.create_model(model_name, **overrides)
