@@ -5,13 +5,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import timm
 import torch
 from helpers import nchw_to_nhwc, randomize_, state_dict_numpy
 from timm.layers import resample_abs_pos_embed
 
-from deit_jax import convert, models
+from configs import common
+from deit_jax import convert, losses, models, optim
 from deit_jax.models import deit3
 
 
@@ -124,3 +126,102 @@ def test_layer_scale_init_and_drop_path_schedule():
     with pytest.raises(ValueError, match="drop_path_schedule"):
         models.create_model("deit3_small_patch16_224", img_size=32, patch_size=8, depth=1,
                             drop_path_schedule="cosine").init(jax.random.key(0), x[:1])
+
+
+# --------------------------------------------------------------------- the DeiT III recipe
+
+
+def _mixed_targets(rng, b, c):
+    """Mixed one-hots without smoothing (DeiT III: --smoothing 0.0), some with lambda = 1."""
+    lam = np.where(rng.rand(b, 1) < 0.25, 1.0, rng.rand(b, 1)).astype(np.float32)
+    a, p = rng.randint(0, c, b), rng.randint(0, c, b)
+    return lam * np.eye(c, dtype=np.float32)[a] + (1 - lam) * np.eye(c, dtype=np.float32)[p]
+
+
+def test_bce_matches_official_engine_and_timm():
+    from timm.loss import BinaryCrossEntropy
+
+    rng = np.random.RandomState(0)
+    logits = rng.randn(16, 10).astype(np.float32) * 3
+    targets = _mixed_targets(rng, 16, 10)
+    x, t = torch.from_numpy(logits), torch.from_numpy(targets)
+    # engine.py: targets = targets.gt(0.0).type(targets.dtype); BCEWithLogitsLoss().
+    official = torch.nn.BCEWithLogitsLoss()(x, t.gt(0.0).type(t.dtype)).item()
+    timm_bce = BinaryCrossEntropy(smoothing=0.0, target_threshold=0.0)(x, t).item()
+    got = float(losses.binary_cross_entropy(logits, targets))
+    np.testing.assert_allclose(got, official, rtol=1e-5)
+    np.testing.assert_allclose(got, timm_bce, rtol=1e-5)
+    soft = float(losses.binary_cross_entropy(logits, targets, target_threshold=None))
+    np.testing.assert_allclose(soft, torch.nn.BCEWithLogitsLoss()(x, t).item(), rtol=1e-5)
+    assert abs(soft - got) > 1e-3  # binarising really changes the loss
+
+
+def test_bce_deit_loss_with_hard_distillation_matches_official():
+    rng = np.random.RandomState(1)
+    cls, dist, teacher = (rng.randn(8, 10).astype(np.float32) * 3 for _ in range(3))
+    targets = _mixed_targets(rng, 8, 10)
+    c, d, t, tl = (torch.from_numpy(a) for a in (cls, dist, targets, teacher))
+    base = torch.nn.BCEWithLogitsLoss()(c, t.gt(0.0).float())
+    want = (0.5 * base + 0.5 * torch.nn.functional.cross_entropy(d, tl.argmax(1))).item()
+    got = losses.bce_deit_loss(cls, dist, targets, teacher, distillation="hard", alpha=0.5)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(losses.bce_deit_loss(cls, None, targets, None, distillation="none")),
+        base.item(), rtol=1e-5)
+
+
+def _lamb_config(weight_decay):
+    c = common.base_config()
+    c.optim.name = "lamb"
+    c.optim.lr = 4e-3
+    c.optim.weight_decay = weight_decay
+    c.optim.clip_grad = 1.0  # FusedLAMB / timm Lamb max_grad_norm
+    c.optim.warmup_epochs = 2.0
+    c.optim.per_epoch = False
+    c.batch_size = 512
+    c.num_epochs = 10.0
+    return c
+
+
+@pytest.mark.parametrize("weight_decay", [0.05, 0.0])
+def test_lamb_matches_timm_lamb(weight_decay):
+    from timm.optim import Lamb
+
+    rng = np.random.RandomState(0)
+    shapes = {"blocks_0": {"attn": {"qkv": {"kernel": (6, 18), "bias": (18,)}},
+                           "ls1": {"gamma": (6,)}, "norm1": {"scale": (6,)}},
+              "pos_embed": (1, 5, 6), "cls_token": (1, 1, 6), "head": {"kernel": (6, 4)}}
+    params = jax.tree.map(lambda s: rng.randn(*s).astype(np.float32) * 0.5, shapes,
+                          is_leaf=lambda s: isinstance(s, tuple))
+    flat = dict(convert._flatten(params))
+    tx, schedule = optim.create_optimizer(_lamb_config(weight_decay), steps_per_epoch=2)
+    mask = dict(convert._flatten(optim.decay_mask(params, decay_dist_token=True)))
+    torch_params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in flat.items()}
+    # timm's create_optimizer groups: decayed matrices vs biases / norms / tokens at 0.
+    groups = [{"params": [p for k, p in torch_params.items() if mask[k]],
+               "weight_decay": weight_decay},
+              {"params": [p for k, p in torch_params.items() if not mask[k]],
+               "weight_decay": 0.0}]
+    reference = Lamb(groups, lr=1.0, betas=(0.9, 0.999), eps=1e-8, max_grad_norm=1.0)
+    state = tx.init(params)
+    clipped = 0
+    for step in range(6):
+        # Gradient norms on both sides of max_grad_norm = 1 so both branches run.
+        scale = 0.05 if step % 2 else 2.0
+        grads = jax.tree.map(lambda p, s=scale: rng.randn(*p.shape).astype(np.float32) * s,
+                             params)
+        clipped += float(optax.tree.norm(grads)) > 1.0
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        for group in reference.param_groups:
+            group["lr"] = float(schedule(step))
+        for k, g in convert._flatten(grads):
+            torch_params[k].grad = torch.from_numpy(np.asarray(g).copy())
+        reference.step()
+    assert 0 < clipped < 6
+    moved = 0.0
+    for k, v in convert._flatten(params):
+        np.testing.assert_allclose(np.asarray(v), torch_params[k].detach().numpy(), atol=1e-5,
+                                   rtol=0, err_msg="/".join(k))
+        moved = max(moved, float(np.abs(np.asarray(v) - flat[k]).max()))
+    assert moved > 1e-3  # the steps were real
