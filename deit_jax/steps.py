@@ -151,9 +151,16 @@ def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.M
         else:
             out = model.apply(variables, images, train=True, rngs=rngs)
         cls_logits, dist_logits = out if isinstance(out, tuple) else (out, None)
-        loss = losses.deit_loss(cls_logits, dist_logits, targets, teacher_logits,
-                                distillation=dist.kind, alpha=dist.alpha, tau=dist.tau,
-                                kd_reduction=dist.kd_reduction)
+        if config.loss.kind not in ("ce", "bce"):
+            raise ValueError(f"loss.kind must be 'ce' or 'bce', got {config.loss.kind!r}")
+        # DeiT III (--bce-loss): binary cross-entropy on the binarised mixed targets.
+        loss_fn = losses.bce_deit_loss if config.loss.kind == "bce" else losses.deit_loss
+        extra = ({"target_threshold": config.loss.bce_target_threshold
+                  if config.loss.bce_target_threshold >= 0 else None}
+                 if config.loss.kind == "bce" else {})
+        loss = loss_fn(cls_logits, dist_logits, targets, teacher_logits,
+                       distillation=dist.kind, alpha=dist.alpha, tau=dist.tau,
+                       kd_reduction=dist.kd_reduction, **extra)
         return loss, batch_stats
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
