@@ -11,8 +11,8 @@ resolution) or at 384 (S, B, L), from the 224 run's workdir:
         --config.init_from=DIR/b800 --workdir=DIR/b224
 
 Variants (comma-separated after ':'): size=s|b|l|h, epochs=800|400, finetune=none|224|384,
-smoke (a tiny CPU run on synthetic data). ViT-M has a released checkpoint but no published
-command, so no variant.
+smoke (a tiny CPU run of the same recipe on synthetic data, 2 epochs of 8 steps). ViT-M has
+a released checkpoint but no published command, so no variant.
 
 Every number is from the official ``README_revenge.md`` training commands (facebookresearch/deit;
 the flags ``main.py`` defines):
@@ -111,8 +111,11 @@ def get_config(arg=None):
         raise ValueError(f"finetune must be none, 224 or 384, got {arg.finetune!r}")
     if arg.smoke:
         common.smoke(c)
-        c.model.name = MODELS["s"]
+        c.model.name = MODELS["s"].replace("_224", "_384") if arg.finetune == "384" else \
+            MODELS["s"]
         c.model.drop_path_rate = 0.05
-        c.aug.eval_crop_ratio = 1.0
+        # 16 steps: no warmup, and a step size that moves the tiny model (LAMB: ~1% a step).
+        c.optim.warmup_epochs = 0.0
+        c.optim.lr = 0.16
     c.lock()
     return c

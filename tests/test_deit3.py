@@ -225,3 +225,82 @@ def test_lamb_matches_timm_lamb(weight_decay):
                                    rtol=0, err_msg="/".join(k))
         moved = max(moved, float(np.abs(np.asarray(v) - flat[k]).max()))
     assert moved > 1e-3  # the steps were real
+
+
+def test_configs_hold_the_official_numbers():
+    from configs import deit3 as deit3_config
+
+    s = deit3_config.get_config("size=s")
+    assert (s.model.name, s.model.img_size, s.model.drop_path_rate) == (
+        "deit3_small_patch16_224", 224, 0.05)
+    assert (s.optim.name, s.loss.kind, s.aug.three_augment, s.num_epochs) == (
+        "lamb", "bce", True, 800.0)
+    assert optim.scaled_lr(s.optim.lr, s.batch_size) == pytest.approx(4e-3)  # --unscale-lr
+    assert (s.aug.eval_crop_ratio, s.aug.re_prob, s.mixup.label_smoothing) == (1.0, 0.0, 0.0)
+    b = deit3_config.get_config("size=b,epochs=400")
+    assert (b.model.img_size, b.model.drop_path_rate, b.num_epochs) == (192, 0.2, 400.0)
+    assert optim.scaled_lr(b.optim.lr, b.batch_size) == pytest.approx(3e-3)
+    ft = deit3_config.get_config("size=l,finetune=384")
+    assert (ft.model.name, ft.model.img_size, ft.model.drop_path_rate) == (
+        "deit3_large_patch16_384", 384, 0.4)
+    assert (ft.optim.name, ft.loss.kind, ft.aug.three_augment, ft.aug.repeated_aug) == (
+        "adamw", "ce", False, 1)
+    assert optim.scaled_lr(ft.optim.lr, ft.batch_size) == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="fine-tunes"):
+        deit3_config.get_config("size=s,finetune=224")  # S is pre-trained at 224 already
+    with pytest.raises(ValueError, match="size"):
+        deit3_config.get_config("size=xl")
+
+
+@pytest.fixture(scope="module")
+def deit3_smoke_run(tmp_path_factory):
+    """The DeiT III recipe (LAMB, BCE, 3-Augment, EMA), tiny, 16 steps on 8 fake devices."""
+    from configs import deit3 as deit3_config
+    from deit_jax import train
+
+    config = deit3_config.get_config("smoke")
+    config.unlock()
+    config.max_steps = 16
+    config.eval_every_epochs = 100.0
+    config.lock()
+    workdir = tmp_path_factory.mktemp("deit3_smoke")
+    return config, str(workdir), train.train_and_evaluate(config, str(workdir))
+
+
+def test_deit3_recipe_smoke_run_learns(deit3_smoke_run):
+    config, _, results = deit3_smoke_run
+    assert (config.optim.name, config.loss.kind, config.aug.three_augment) == (
+        "lamb", "bce", True)
+    first, last = results["train/loss_first"], results["train/loss"]
+    assert np.isfinite(last) and first == pytest.approx(np.log(2), abs=0.05)  # BCE at logits ~0
+    assert last < 0.8 * first
+    assert results["eval/count"] == 100
+
+
+@pytest.mark.parametrize("weights", ["raw", "ema"])
+def test_deit3_trained_in_jax_exported_gives_the_jax_logits_in_timm(deit3_smoke_run, tmp_path,
+                                                                   weights):
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    from deit_jax import checkpoint, steps
+
+    config, workdir, _ = deit3_smoke_run
+    out = tmp_path / f"{weights}.safetensors"
+    convert.main(["--to=torch", "--model", config.model.name, "--src", workdir, "--out",
+                  str(out), f"--weights={weights}"])
+    manager = checkpoint.create_manager(workdir, max_to_keep=10, enable_async=False)
+    state = checkpoint.restore_raw(manager, manager.latest_step())
+    params = state["params" if weights == "raw" else "ema_params"]
+    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
+    x = np.random.RandomState(0).randn(4, 3, 32, 32).astype(np.float32)
+    expected = np.asarray(model.apply({"params": params}, nchw_to_nhwc(x)))
+    # timm's deit3 definition (deit.py) at the smoke model's size.
+    reference = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+                                  num_classes=10, no_embed_class=True, init_values=1e-4).eval()
+    reference.load_state_dict(load_file(str(out)))  # strict: every key and shape
+    with torch.no_grad():
+        got = reference(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    other = state["ema_params" if weights == "raw" else "params"]
+    assert np.abs(np.asarray(model.apply({"params": other}, nchw_to_nhwc(x))) - got).max() > 1e-3
