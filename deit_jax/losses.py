@@ -109,3 +109,14 @@ def bce_deit_loss(cls_logits: jax.Array, dist_logits: jax.Array | None, targets:
     kd = distillation_loss(dist_logits, teacher_logits, distillation=distillation, tau=tau,
                            kd_reduction=kd_reduction)
     return (1.0 - alpha) * base + alpha * kd
+
+
+def check_loss_config(kind: str, bce_target_threshold: float, label_smoothing: float,
+                      num_classes: int) -> None:
+    """``config.loss`` against the targets it will see; raises ``ValueError`` naming the fix."""
+    if kind not in ("ce", "bce"):
+        raise ValueError(f"loss.kind must be 'ce' or 'bce', got {kind!r}")
+    if kind == "bce" and 0 <= bce_target_threshold < label_smoothing / num_classes:
+        raise ValueError(f"loss.kind='bce' makes targets > {bce_target_threshold} a 1: with "
+                         f"mixup.label_smoothing={label_smoothing} every target is 1; set "
+                         "label_smoothing=0 (official DeiT III) or loss.bce_target_threshold")

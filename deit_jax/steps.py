@@ -131,6 +131,8 @@ def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.M
     dist = config.distillation
     num_classes = model.num_classes
     accum = config.optim.grad_accum_steps
+    losses.check_loss_config(config.loss.kind, config.loss.bce_target_threshold,
+                             config.mixup.label_smoothing, num_classes)
 
     def micro_loss(params, batch_stats, micro, key):
         m = config.mixup
@@ -151,16 +153,16 @@ def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.M
         else:
             out = model.apply(variables, images, train=True, rngs=rngs)
         cls_logits, dist_logits = out if isinstance(out, tuple) else (out, None)
-        if config.loss.kind not in ("ce", "bce"):
-            raise ValueError(f"loss.kind must be 'ce' or 'bce', got {config.loss.kind!r}")
-        # DeiT III (--bce-loss): binary cross-entropy on the binarised mixed targets.
-        loss_fn = losses.bce_deit_loss if config.loss.kind == "bce" else losses.deit_loss
-        extra = ({"target_threshold": config.loss.bce_target_threshold
-                  if config.loss.bce_target_threshold >= 0 else None}
-                 if config.loss.kind == "bce" else {})
-        loss = loss_fn(cls_logits, dist_logits, targets, teacher_logits,
-                       distillation=dist.kind, alpha=dist.alpha, tau=dist.tau,
-                       kd_reduction=dist.kd_reduction, **extra)
+        if config.loss.kind == "bce":  # DeiT III (--bce-loss): BCE on binarised targets
+            threshold = config.loss.bce_target_threshold
+            loss = losses.bce_deit_loss(
+                cls_logits, dist_logits, targets, teacher_logits, distillation=dist.kind,
+                alpha=dist.alpha, tau=dist.tau, kd_reduction=dist.kd_reduction,
+                target_threshold=threshold if threshold >= 0 else None)
+        else:
+            loss = losses.deit_loss(cls_logits, dist_logits, targets, teacher_logits,
+                                    distillation=dist.kind, alpha=dist.alpha, tau=dist.tau,
+                                    kd_reduction=dist.kd_reduction)
         return loss, batch_stats
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

@@ -304,3 +304,12 @@ def test_deit3_trained_in_jax_exported_gives_the_jax_logits_in_timm(deit3_smoke_
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
     other = state["ema_params" if weights == "raw" else "params"]
     assert np.abs(np.asarray(model.apply({"params": other}, nchw_to_nhwc(x))) - got).max() > 1e-3
+
+
+def test_loss_config_errors_name_the_fix():
+    losses.check_loss_config("bce", 0.0, 0.0, 1000)  # the official DeiT III setting
+    losses.check_loss_config("bce", -1.0, 0.1, 1000)  # soft targets: smoothing is fine
+    with pytest.raises(ValueError, match="label_smoothing=0"):
+        losses.check_loss_config("bce", 0.0, 0.1, 1000)
+    with pytest.raises(ValueError, match="'ce' or 'bce'"):
+        losses.check_loss_config("focal", 0.0, 0.0, 1000)
