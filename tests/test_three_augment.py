@@ -128,3 +128,35 @@ def test_train_transform_equals_the_official_composition():
     with pytest.raises(ValueError, match="simple_random_crop"):
         three_augment.train_transform(image, _seed(0), img_size=48, simple_crop=True,
                                       crop=tf.constant([0, 0, 10, 10, 0]))
+
+
+def test_device_version_equals_the_host_ops_on_the_same_draws():
+    import jax
+
+    from deit_jax import three_augment_device as device
+
+    images = np.stack([np.asarray(Image.fromarray(im).resize((40, 36))) for im in _images()]
+                      * 3)  # [6, 36, 40, 3]
+    key = jax.random.key(0)
+    out = np.asarray(jax.jit(device.three_augment)(images, key))
+    d = jax.vmap(device.draws)(jax.random.split(key, len(images)))
+    assert set(np.asarray(d["op"]).tolist()) == {0, 1, 2}  # every op runs here
+    enhancers = (augment.brightness, augment.contrast, augment.color)
+    for i, image in enumerate(images):
+        op, radius = int(d["op"][i]), float(d["radius"][i])
+        expected = [three_augment.grayscale, three_augment.solarize,
+                    lambda x, r=radius: three_augment.gaussian_blur(x, r)][op](image)
+        for k in np.asarray(d["order"][i]):
+            expected = enhancers[k](expected, float(d["factors"][i][k]))
+        np.testing.assert_array_equal(out[i], expected.numpy(), err_msg=f"image {i} op {op}")
+    # Each op on its own, the blur at several radii: bit for bit with the host (and so PIL).
+    for r in (0.1, 0.9, 2.0):
+        np.testing.assert_array_equal(np.asarray(device.gaussian_blur(images[0], r)),
+                                      three_augment.gaussian_blur(images[0], r).numpy())
+    np.testing.assert_array_equal(np.asarray(device.grayscale(images[1])),
+                                  three_augment.grayscale(images[1]).numpy())
+    for f in (0.7, 1.3):
+        for dev, host in ((device.contrast, augment.contrast), (device.color, augment.color),
+                          (device.brightness, augment.brightness)):
+            np.testing.assert_array_equal(np.asarray(dev(images[0], f)),
+                                          host(images[0], f).numpy())
