@@ -87,6 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
     # RASampler's 256); 1 = all up to the last full batch. Same steps when 256 divides the batch.
     c.aug.ra_multiple = 256
     c.aug.eval_crop_ratio = 0.875
+    # DeiT III (official --ThreeAugment, --src): crop + flip, then one of grayscale /
+    # solarisation / Gaussian blur, then colour jitter (aug.color_jitter); replaces RandAugment
+    # and erasing. simple_random_crop: Resize + RandomCrop(padding 4, reflect) for the RRC.
+    c.aug.three_augment = False
+    c.aug.simple_random_crop = False
 
     c.mixup = ml_collections.ConfigDict()
     c.mixup.mixup_alpha = 0.8
@@ -94,6 +99,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixup.switch_prob = 0.5
     c.mixup.prob = 1.0
     c.mixup.label_smoothing = 0.1
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "ce"  # 'ce' (DeiT: soft-target cross-entropy) | 'bce' (DeiT III --bce-loss)
+    # bce: targets > threshold become 1 (official: targets.gt(0.0)); < 0 keeps soft targets.
+    c.loss.bce_target_threshold = 0.0
 
     c.distillation = ml_collections.ConfigDict()
     c.distillation.kind = "none"  # 'none' | 'soft' | 'hard'

@@ -1,7 +1,12 @@
-"""Official DeiT / timm PyTorch weights -> Flax variables, and the ``deit_jax.convert`` command.
+"""Official DeiT / timm PyTorch weights <-> Flax variables, and the ``deit_jax.convert`` command.
 
     python -m deit_jax.convert --model deit_small_patch16_224 \
         --src deit_small_patch16_224-cd65a155.pth --out /tmp/deit_s [--img_size 384]
+    python -m deit_jax.convert --to=torch --model deit3_small_patch16_224 \
+        --src WORKDIR_OR_CHECKPOINT --out deit3_s.safetensors [--weights=raw|ema]
+
+The second form writes timm's state-dict layout, which
+``timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=dict(file=FILE))`` loads.
 
 ``.pth`` files (``{'model': state_dict}``, as the official release) need torch, imported only
 here; timm hub ``.safetensors`` files need only numpy. The output directory is an Orbax
@@ -100,12 +105,14 @@ def _check_keys(state_dict: Mapping[str, Any], expected: set[str], model_name: s
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model_name: str,
-                       img_size: int | None = None) -> dict:
+                       img_size: int | None = None, **overrides: Any) -> dict:
     """Converts a timm/official state dict (name -> array) to Flax variables.
 
-    DeiT models: returns ``params`` for ``create_model(model_name, img_size=img_size,
-    num_classes=<the checkpoint's>)``; when ``img_size`` differs from the checkpoint's grid,
-    ``pos_embed`` is resampled as in the official fine-tuning code. RegNetY models: returns
+    DeiT and DeiT III models: returns ``params`` for ``create_model(model_name,
+    img_size=img_size, num_classes=<the checkpoint's>, **overrides)``; when ``img_size``
+    differs from the checkpoint's grid, ``pos_embed`` is resampled as in the official fine-tuning
+    code. The official DeiT III ``.pth`` files' LayerScale keys (``blocks.N.gamma_1``/``gamma_2``)
+    are read as timm's (``blocks.N.ls1.gamma``/``ls2.gamma``). RegNetY models: returns
     ``{'params': ..., 'batch_stats': ...}`` (BatchNorm running statistics included).
     Missing, extra or mis-shaped keys raise ``ValueError`` naming them.
     """
@@ -115,7 +122,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str,
     if "head.weight" not in state_dict:
         raise ValueError(f"state dict for {model_name} has no 'head.weight' (keys: "
                          f"{sorted(state_dict)[:8]}...); is this a DeiT checkpoint?")
-    overrides = {"num_classes": state_dict["head.weight"].shape[0]}
+    if models.is_deit3(model_name):
+        state_dict = {re.sub(r"\.gamma_([12])$", r".ls\1.gamma", k): v
+                      for k, v in state_dict.items()}
+    overrides = {"num_classes": state_dict["head.weight"].shape[0], **overrides}
     if img_size is not None:
         overrides["img_size"] = img_size
     model = models.create_model(model_name, **overrides)
@@ -179,6 +189,144 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
                 for k, v in blob.items()}
     raise ValueError(f"unknown checkpoint format {path!r}: expected .pth or .safetensors")
 
+# ------------------------------------------------------------------- export: Flax -> timm
+
+
+def _to_torch_layout(value: np.ndarray) -> np.ndarray:
+    if value.ndim == 4:  # conv HWIO -> OIHW
+        return value.transpose(3, 2, 0, 1)
+    if value.ndim == 2:  # Dense (in, out) -> Linear (out, in)
+        return value.T
+    return value
+
+
+def _shape_mismatches(got: Mapping, expected: Mapping) -> list[str]:
+    flat_got, flat_exp = dict(_flatten(got)), dict(_flatten(expected))
+    out = [f"missing {'/'.join(k)}" for k in sorted(set(flat_exp) - set(flat_got))]
+    out += [f"unexpected {'/'.join(k)}" for k in sorted(set(flat_got) - set(flat_exp))]
+    out += [f"{'/'.join(k)}: {np.shape(flat_got[k])} != {tuple(flat_exp[k].shape)}"
+            for k in sorted(set(flat_got) & set(flat_exp))
+            if tuple(np.shape(flat_got[k])) != tuple(flat_exp[k].shape)]
+    return out
+
+
+def vit_architecture(params: Mapping, model_name: str) -> dict[str, Any]:
+    """The ``create_model`` overrides that ``params`` of a DeiT / DeiT III model were built with
+    (class count, width, depth, patch size, resolution, MLP ratio), read from the shapes."""
+    probe = models.create_model(model_name)
+    try:
+        width = params["cls_token"].shape[-1]
+        patch = params["patch_embed"]["proj"]["kernel"].shape[0]
+        grid = params["pos_embed"].shape[1] - probe.num_prefix_tokens
+        arch = dict(num_classes=params["head"]["kernel"].shape[-1], embed_dim=width,
+                    patch_size=patch, img_size=math.isqrt(grid) * patch,
+                    depth=sum(1 for k in params if re.fullmatch(r"blocks_\d+", k)),
+                    mlp_ratio=params["blocks_0"]["mlp"]["fc1"]["kernel"].shape[-1] / width)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise ValueError(f"these parameters are not a {model_name} (no {e}); pass the --model "
+                         "the run trained") from e
+    if arch["embed_dim"] % probe.num_heads == 0:
+        arch["num_heads"] = probe.num_heads
+    else:  # a resized model: head count does not change any shape
+        arch["num_heads"] = 1
+    return arch
+
+
+def export_state_dict(variables: Mapping, model_name: str) -> dict[str, np.ndarray]:
+    """Flax variables -> timm's state dict for ``model_name`` (numpy, PyTorch layouts).
+
+    ``variables`` is ``{'params': ...}`` (DeiT, DeiT III) or ``{'params', 'batch_stats'}``
+    (RegNetY: BatchNorm running statistics become ``running_mean``/``running_var``, with
+    ``num_batches_tracked`` = 0). The parameters are checked against ``model_name``'s
+    structure (at their own width, depth, resolution and class count) first; a mismatch
+    raises ``ValueError`` naming the keys.
+    """
+    params = variables["params"]
+    if model_name in regnet.REGNET_NAMES:
+        return _export_regnet(variables, model_name)
+    if variables.get("batch_stats"):
+        raise ValueError(f"{model_name} has no BatchNorm, but the variables carry batch_stats")
+    arch = vit_architecture(params, model_name)
+    model = models.create_model(model_name, **arch)
+    side = model.img_size
+    expected = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), np.zeros((1, side, side, 3), np.float32)))["params"]
+    problems = _shape_mismatches(params, expected)
+    if problems:
+        raise ValueError(f"parameters do not fit {model_name} ({arch}): {problems[:10]}")
+    return {_torch_key(path): np.ascontiguousarray(_to_torch_layout(np.asarray(v, np.float32)))
+            for path, v in _flatten(params)}
+
+
+def _export_regnet(variables: Mapping, model_name: str) -> dict[str, np.ndarray]:
+    head = variables["params"].get("head_fc")
+    if not isinstance(head, Mapping) or "kernel" not in head:
+        raise ValueError(f"these parameters are not a {model_name} (no head_fc); pass the "
+                         "--model the run trained")
+    num_classes = head["kernel"].shape[-1]
+    model = regnet.create_regnet(model_name, num_classes=num_classes)
+    expected = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32), train=False))
+    got = {c: variables.get(c, {}) for c in ("params", "batch_stats")}
+    problems = _shape_mismatches(got, expected)
+    if problems:
+        raise ValueError(f"variables do not fit {model_name}: {problems[:10]}")
+    out = {}
+    for collection in ("params", "batch_stats"):
+        for path, v in _flatten(got[collection]):
+            v = np.asarray(v, np.float32)
+            key = regnet._torch_key(path)
+            torch_shape = regnet._torch_shape(path, v.shape)
+            # 4-D: HWIO -> OIHW; 2-D: Dense or SE 1x1 conv (in, out) -> (out, in[, 1, 1]).
+            v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T.reshape(torch_shape) \
+                if v.ndim == 2 else v
+            out[key] = np.ascontiguousarray(v)
+            if key.endswith("running_mean"):  # PyTorch's BatchNorm buffer, unused in eval
+                out[key[: -len("running_mean")] + "num_batches_tracked"] = np.array(0, np.int64)
+    return out
+
+
+EXPORT_WEIGHTS = ("raw", "ema")
+
+
+def load_export_variables(src: str, weights: str = "raw") -> dict:
+    """Variables to export from a converted checkpoint or a training workdir (latest step).
+
+    ``weights``: 'raw' (the trained parameters, what the official code evaluates) or 'ema'
+    (the model EMA; a workdir only, and only when the run had ``ema.enabled``). BatchNorm
+    statistics (RegNetY) are the run's own: the EMA covers parameters only.
+    """
+    from deit_jax import checkpoint
+
+    if weights not in EXPORT_WEIGHTS:
+        raise ValueError(f"weights must be one of {EXPORT_WEIGHTS}, got {weights!r}")
+    if checkpoint.is_variables_checkpoint(src):
+        if weights == "ema":
+            raise ValueError(f"{src} is a converted checkpoint with one set of weights; "
+                             "use --weights=raw (EMA weights live in a training workdir)")
+        return checkpoint.load_variables(src)[0]
+    if not checkpoint.has_run_checkpoints(src):
+        raise FileNotFoundError(f"{src!r} is neither a converted checkpoint nor a training "
+                                "workdir with checkpoints")
+    manager = checkpoint.create_manager(src, max_to_keep=1000, enable_async=False)
+    state = checkpoint.restore_raw(manager, manager.latest_step())
+    params = state["params"] if weights == "raw" else state.get("ema_params")
+    if not params:
+        raise ValueError(f"the run in {src} kept no EMA weights (ema.enabled was off); use "
+                         "--weights=raw")
+    variables = {"params": params}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return variables
+
+
+def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+    """Writes a state dict as ``.safetensors`` (numpy only) that timm and torch read."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path,
+              metadata={"format": "pt"})
+
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
@@ -187,12 +335,34 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m deit_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--to", choices=("flax", "torch"), default="flax",
+                        help="flax: PyTorch weights -> Orbax checkpoint; torch: a checkpoint "
+                             "or workdir -> timm .safetensors")
     parser.add_argument("--model", required=True, choices=models.MODEL_NAMES)
-    parser.add_argument("--src", required=True, help=".pth or .safetensors file")
-    parser.add_argument("--out", required=True, help="output directory (Orbax checkpoint)")
+    parser.add_argument("--src", required=True,
+                        help="--to=flax: .pth or .safetensors file; --to=torch: a converted "
+                             "checkpoint or a training workdir (its latest step)")
+    parser.add_argument("--out", required=True,
+                        help="--to=flax: output directory; --to=torch: FILE.safetensors")
     parser.add_argument("--img_size", type=int, default=None,
-                        help="target resolution; pos_embed is resampled when it differs")
+                        help="--to=flax: target resolution; pos_embed is resampled when it differs")
+    parser.add_argument("--weights", choices=EXPORT_WEIGHTS, default="raw",
+                        help="--to=torch: the raw trained weights or the model EMA")
     args = parser.parse_args(argv)
+    if args.to == "torch":
+        if not args.out.endswith(".safetensors"):
+            parser.error(f"--to=torch writes a .safetensors file; got --out={args.out}")
+        if args.img_size is not None:
+            parser.error("--img_size resamples on import (--to=flax) only")
+        state_dict = export_state_dict(load_export_variables(args.src, args.weights),
+                                       args.model)
+        save_safetensors(state_dict, args.out)
+        n = sum(v.size for k, v in state_dict.items() if "running_" not in k
+                and not k.endswith("num_batches_tracked"))
+        print(f"wrote {args.model} ({args.weights} weights, {n:,} params) to {args.out}; load "
+              f"with timm.create_model({args.model!r}, pretrained=True, "
+              f"pretrained_cfg_overlay=dict(file={args.out!r}))")
+        return
     variables = convert_state_dict(load_state_dict(args.src), args.model, args.img_size)
     if "params" not in variables:
         variables = {"params": variables}

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from deit_jax import augment
+from deit_jax import augment, three_augment
 from deit_jax.data_sources import (  # noqa: F401 - re-exported: train.py reads them from here
     DataError,
     Source,
@@ -298,11 +298,18 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
             # The view of the example really loaded (a corrupt file's replacement has its own).
             crop = tf.gather_nd(crop_table, tf.stack([tf.maximum(element["loaded"], 0),
                                                       element["view"]]))
-        image = augment.train_transform(
-            element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
-            hflip=aug.hflip, auto_augment=aug.auto_augment or None,
-            color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
-            re_count=aug.re_count, interpolation=aug.interpolation, crop=crop)
+        if aug.three_augment:  # DeiT III (official --ThreeAugment [--src])
+            image = three_augment.train_transform(
+                element["image"], seed, img_size=image_size,
+                simple_crop=aug.simple_random_crop, scale=scale, ratio=ratio,
+                hflip=aug.hflip, color_jitter=aug.color_jitter,
+                interpolation=aug.interpolation, crop=crop)
+        else:
+            image = augment.train_transform(
+                element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
+                hflip=aug.hflip, auto_augment=aug.auto_augment or None,
+                color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
+                re_count=aug.re_count, interpolation=aug.interpolation, crop=crop)
         out = {"image": image, "label": element["label"], "index": element["index"],
                "loaded": element["loaded"]}
         if crops is not None:

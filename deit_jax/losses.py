@@ -75,3 +75,48 @@ def deit_loss(cls_logits: jax.Array, dist_logits: jax.Array | None, targets: jax
     kd = distillation_loss(dist_logits, teacher_logits, distillation=distillation, tau=tau,
                            kd_reduction=kd_reduction)
     return (1.0 - alpha) * base + alpha * kd
+
+
+def binary_cross_entropy(logits: jax.Array, targets: jax.Array, *,
+                         target_threshold: float | None = 0.0) -> jax.Array:
+    """DeiT III's ``--bce-loss``: sigmoid cross-entropy averaged over ``batch * classes``.
+
+    The official ``engine.py`` binarises the (mixed) targets first, ``targets.gt(0.0)``, then
+    applies ``torch.nn.BCEWithLogitsLoss()``: every class present in a mixed pair counts as a
+    positive of weight 1. That is timm's ``BinaryCrossEntropy(target_threshold=0.0)`` on dense
+    targets (its ``smoothing`` only applies to integer labels). ``target_threshold=None`` keeps
+    the soft targets. Both arrays ``[batch, classes]``.
+    """
+    if target_threshold is not None:
+        targets = (targets > target_threshold).astype(logits.dtype)
+    return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+
+
+def bce_deit_loss(cls_logits: jax.Array, dist_logits: jax.Array | None, targets: jax.Array,
+                  teacher_logits: jax.Array | None, *, distillation: str, alpha: float = 0.5,
+                  tau: float = 1.0, kd_reduction: str = "numel",
+                  target_threshold: float | None = 0.0) -> jax.Array:
+    """``deit_loss`` with ``binary_cross_entropy`` as the base criterion, as the official
+    ``DistillationLoss`` wraps ``BCEWithLogitsLoss`` under ``--bce-loss`` (same arguments)."""
+    if distillation not in DISTILLATION_KINDS:
+        raise ValueError(f"distillation must be one of {DISTILLATION_KINDS}, got {distillation!r}")
+    base = binary_cross_entropy(cls_logits, targets, target_threshold=target_threshold)
+    if distillation == "none":
+        return base
+    if dist_logits is None or teacher_logits is None:
+        raise ValueError(f"distillation={distillation!r} needs dist_logits (a distilled model) "
+                         "and teacher_logits")
+    kd = distillation_loss(dist_logits, teacher_logits, distillation=distillation, tau=tau,
+                           kd_reduction=kd_reduction)
+    return (1.0 - alpha) * base + alpha * kd
+
+
+def check_loss_config(kind: str, bce_target_threshold: float, label_smoothing: float,
+                      num_classes: int) -> None:
+    """``config.loss`` against the targets it will see; raises ``ValueError`` naming the fix."""
+    if kind not in ("ce", "bce"):
+        raise ValueError(f"loss.kind must be 'ce' or 'bce', got {kind!r}")
+    if kind == "bce" and 0 <= bce_target_threshold < label_smoothing / num_classes:
+        raise ValueError(f"loss.kind='bce' makes targets > {bce_target_threshold} a 1: with "
+                         f"mixup.label_smoothing={label_smoothing} every target is 1; set "
+                         "label_smoothing=0 (official DeiT III) or loss.bce_target_threshold")

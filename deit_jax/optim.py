@@ -73,17 +73,36 @@ def decay_mask(params, *, decay_dist_token: bool):
 
 def create_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int
                      ) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW (+ optional global-norm clipping) with the DeiT schedule and decay mask."""
+    """The optimizer (+ optional global-norm clipping) with the DeiT schedule and decay mask.
+
+    ``optim.name``: 'adamw' (DeiT) or 'lamb' (DeiT III's ``--opt fusedlamb``: apex FusedLAMB
+    as timm's ``Lamb`` re-implements it: Adam moments with bias correction, L2 decay added to
+    the Adam step, then the layer-wise trust ratio ``|w| / |update|`` (1 where either is 0, no
+    clipping of the ratio) on the decayed tensors only; FusedLAMB's own ``max_grad_norm=1.0``
+    global clipping is ``optim.clip_grad=1.0`` in the DeiT III configs).
+    """
     opt = config.optim
-    if opt.name != "adamw":
-        raise ValueError(f"optim.name {opt.name!r} unknown; only 'adamw' (the paper's) is built")
+    if opt.name not in ("adamw", "lamb"):
+        raise ValueError(f"optim.name {opt.name!r} unknown; 'adamw' (DeiT) or 'lamb' (DeiT III)")
     schedule = lr_schedule(config, steps_per_epoch)
-    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                        weight_decay=opt.weight_decay,
-                        mask=lambda p: decay_mask(p, decay_dist_token=opt.decay_dist_token))
+
+    def mask(p):
+        return decay_mask(p, decay_dist_token=opt.decay_dist_token)
+
+    if opt.name == "adamw":
+        tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                         weight_decay=opt.weight_decay, mask=mask)
+    else:
+        parts = [optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps)]
+        if opt.weight_decay:
+            # timm Lamb / FusedLAMB adapt only where weight_decay != 0 (always_adapt=False):
+            # biases, norms, LayerScale and tokens take the plain Adam step.
+            parts += [optax.add_decayed_weights(opt.weight_decay, mask),
+                      optax.masked(optax.scale_by_trust_ratio(), mask)]
+        tx = optax.chain(*parts, optax.scale_by_learning_rate(schedule))
     if opt.clip_grad:
-        adamw = optax.chain(optax.clip_by_global_norm(opt.clip_grad), adamw)
-    return adamw, schedule
+        tx = optax.chain(optax.clip_by_global_norm(opt.clip_grad), tx)
+    return tx, schedule
 
 
 def ema_update(ema_params, params, decay: float):

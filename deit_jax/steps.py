@@ -131,6 +131,8 @@ def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.M
     dist = config.distillation
     num_classes = model.num_classes
     accum = config.optim.grad_accum_steps
+    losses.check_loss_config(config.loss.kind, config.loss.bce_target_threshold,
+                             config.mixup.label_smoothing, num_classes)
 
     def micro_loss(params, batch_stats, micro, key):
         m = config.mixup
@@ -151,9 +153,16 @@ def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.M
         else:
             out = model.apply(variables, images, train=True, rngs=rngs)
         cls_logits, dist_logits = out if isinstance(out, tuple) else (out, None)
-        loss = losses.deit_loss(cls_logits, dist_logits, targets, teacher_logits,
-                                distillation=dist.kind, alpha=dist.alpha, tau=dist.tau,
-                                kd_reduction=dist.kd_reduction)
+        if config.loss.kind == "bce":  # DeiT III (--bce-loss): BCE on binarised targets
+            threshold = config.loss.bce_target_threshold
+            loss = losses.bce_deit_loss(
+                cls_logits, dist_logits, targets, teacher_logits, distillation=dist.kind,
+                alpha=dist.alpha, tau=dist.tau, kd_reduction=dist.kd_reduction,
+                target_threshold=threshold if threshold >= 0 else None)
+        else:
+            loss = losses.deit_loss(cls_logits, dist_logits, targets, teacher_logits,
+                                    distillation=dist.kind, alpha=dist.alpha, tau=dist.tau,
+                                    kd_reduction=dist.kd_reduction)
         return loss, batch_stats
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

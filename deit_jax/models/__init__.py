@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 
 from deit_jax.models import regnet
+from deit_jax.models.deit3 import DeiT3
 from deit_jax.models.vit import VisionTransformer
 
 _TI = dict(embed_dim=192, num_heads=3)
@@ -29,26 +30,48 @@ DEIT_CONFIGS: dict[str, dict[str, Any]] = {
     "deit_base_patch16_384": dict(**_B, img_size=384),
     "deit_base_distilled_patch16_384": dict(**_B, img_size=384, distilled=True),
 }
-MODEL_NAMES: tuple[str, ...] = (*DEIT_CONFIGS, *regnet.REGNET_NAMES)
+# DeiT III (timm's deit3_* entries = the official models_v2.py *_LS models). The huge model
+# has 14x14 patches, as timm and the official code register it.
+DEIT3_CONFIGS: dict[str, dict[str, Any]] = {
+    "deit3_small_patch16_224": dict(**_S),
+    "deit3_small_patch16_384": dict(**_S, img_size=384),
+    "deit3_medium_patch16_224": dict(embed_dim=512, num_heads=8),
+    "deit3_base_patch16_224": dict(**_B),
+    "deit3_base_patch16_384": dict(**_B, img_size=384),
+    "deit3_large_patch16_224": dict(embed_dim=1024, depth=24, num_heads=16),
+    "deit3_large_patch16_384": dict(embed_dim=1024, depth=24, num_heads=16, img_size=384),
+    "deit3_huge_patch14_224": dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14),
+}
+MODEL_NAMES: tuple[str, ...] = (*DEIT_CONFIGS, *DEIT3_CONFIGS, *regnet.REGNET_NAMES)
 
 
 def is_deit(name: str) -> bool:
-    return name in DEIT_CONFIGS
+    """True for the ViT families (DeiT and DeiT III): the models ``config.model`` can resize."""
+    return name in DEIT_CONFIGS or name in DEIT3_CONFIGS
+
+
+def is_deit3(name: str) -> bool:
+    return name in DEIT3_CONFIGS
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds the model called ``name`` (an official timm/DeiT name) with field overrides.
 
     DeiT models accept overrides of any ``VisionTransformer`` field (``num_classes``,
-    ``img_size``, ``drop_path_rate``, ``dtype``, ``depth``, ...); RegNetY models those of
+    ``img_size``, ``drop_path_rate``, ``dtype``, ``depth``, ...), DeiT III models those of
+    ``deit3.DeiT3`` (the same plus ``init_values``, ``drop_path_schedule``); RegNetY models those of
     ``regnet.create_regnet``. Unknown names and fields raise ``ValueError`` listing valid ones.
     """
     if name in regnet.REGNET_NAMES:
         return regnet.create_regnet(name, **overrides)
-    if name not in DEIT_CONFIGS:
+    if name in DEIT3_CONFIGS:
+        cls, base = DeiT3, DEIT3_CONFIGS[name]
+    elif name in DEIT_CONFIGS:
+        cls, base = VisionTransformer, DEIT_CONFIGS[name]
+    else:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
-    fields = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name}; valid: {sorted(fields)}")
-    return VisionTransformer(**{**DEIT_CONFIGS[name], **overrides})
+    return cls(**{**base, **overrides})
