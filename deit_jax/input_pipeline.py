@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from deit_jax import augment
+from deit_jax.augment import host as host_aug
 from deit_jax.data_sources import (  # noqa: F401 - re-exported: train.py reads them from here
     DataError,
     Source,
@@ -181,7 +181,7 @@ def crop_views_transform(config: ml_collections.ConfigDict, image_size: int, vie
     aug = config.aug
 
     def transform(image, index):
-        images, crops = augment.crop_views(
+        images, crops = host_aug.crop_views(
             image, view_seed(config.seed, index + index_offset), views=views, img_size=image_size,
             scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
             interpolation=aug.interpolation)
@@ -286,7 +286,7 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
             # The view of the example really loaded (a corrupt file's replacement has its own).
             crop = tf.gather_nd(crop_table, tf.stack([tf.maximum(element["loaded"], 0),
                                                       element["view"]]))
-        image = augment.train_transform(
+        image = host_aug.train_transform(
             element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
             hflip=aug.hflip, auto_augment=aug.auto_augment or None,
             color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
@@ -381,7 +381,7 @@ def eval_batches(config: ml_collections.ConfigDict, source: Source, layout: Layo
     def apply(element):
         if transform is not None:
             return {**element, **transform(element["image"], element["index"])}
-        image = augment.eval_transform(element["image"], img_size=image_size,
+        image = host_aug.eval_transform(element["image"], img_size=image_size,
                                        crop_ratio=crop_ratio,
                                        interpolation=config.aug.interpolation)
         return {**element, "image": image}
