@@ -6,7 +6,8 @@ from a stateless seed derived from ``(seed, epoch, position)``. A run resumed at
 sees exactly the batches an uninterrupted run sees, without reading the first k again.
 
 Batches are dicts of numpy arrays shaped ``[local_devices, per_device, ...]``:
-``image`` float32 ``[..., H, W, 3]`` (normalised), ``label`` int32, ``index`` int64 (example
+``image`` float32 ``[..., H, W, 3]`` (normalised; uint8 crop + flip views for training under
+``aug.on_device``, augmented in the train step), ``label`` int32, ``index`` int64 (example
 id in the split) and, for evaluation, ``mask`` (1 for real examples, 0 for padding or an
 undecodable file) plus the source's extra fields (ReaL's ``real_label``).
 
@@ -252,8 +253,10 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
                   crops: np.ndarray | None = None) -> Batches:
     """Endless training batches for this process, starting at global step ``start_step``.
 
-    Yields ``image`` float32 [local_devices, per_device, image_size, image_size, 3],
-    ``label`` int32 and ``index`` int64 [local_devices, per_device]. An undecodable example
+    Yields ``image`` float32 [local_devices, per_device, image_size, image_size, 3] (normalised,
+    fully augmented) or, with ``aug.on_device``, uint8 (the crop + flip view; the train step
+    augments and normalises it), ``label`` int32 and ``index`` int64 [local_devices,
+    per_device]. An undecodable example
     is replaced by the next loadable one of the split (same augmentation seed), logged and
     counted in the returned iterator's ``errors``; ``dataset.strict_decoding`` raises instead.
 
@@ -271,6 +274,7 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
     first = layout.process_index * layout.local_devices
     scale, ratio = tuple(aug.scale), tuple(aug.ratio)
     strict = _strict(config)
+    on_device = bool(aug.get("on_device", False))
     keys = ("index", "epoch", "position")
     if crops is not None:
         if crops.ndim != 3 or crops.shape[0] != source.num_examples or crops.shape[2] != 5:
@@ -286,11 +290,16 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
             # The view of the example really loaded (a corrupt file's replacement has its own).
             crop = tf.gather_nd(crop_table, tf.stack([tf.maximum(element["loaded"], 0),
                                                       element["view"]]))
-        image = host_aug.train_transform(
-            element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
-            hflip=aug.hflip, auto_augment=aug.auto_augment or None,
-            color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
-            re_count=aug.re_count, interpolation=aug.interpolation, crop=crop)
+        if on_device:  # crop + flip only: the train step does the rest (augment.device)
+            image = host_aug.train_crop(
+                element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
+                hflip=aug.hflip, interpolation=aug.interpolation, crop=crop)
+        else:
+            image = host_aug.train_transform(
+                element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
+                hflip=aug.hflip, auto_augment=aug.auto_augment or None,
+                color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
+                re_count=aug.re_count, interpolation=aug.interpolation, crop=crop)
         out = {"image": image, "label": element["label"], "index": element["index"],
                "loaded": element["loaded"]}
         if crops is not None:

@@ -22,8 +22,10 @@ IMG = 16  # model input size in these tests: small keeps RandAugment cheap
 
 
 def make_config(**aug):
+    """The recipe on the host-exact path (``aug.on_device=False``) unless ``aug`` says so."""
     c = common.base_config()
     c.seed = 3
+    c.aug.on_device = False
     for k, v in aug.items():
         c.aug[k] = v
     return c
