@@ -230,3 +230,50 @@ def test_host_names_are_importable_from_the_package():
                  'random_erasing', 'color_jitter', 'affine', 'normalize'):
         assert callable(getattr(augment, name))
     assert FLAT.shape == (20, 30, 3) and LOW_CONTRAST.dtype == np.uint8
+
+
+def _step_on(devices, config, state, images, labels):
+    """One pmapped train step of the global batch split over ``devices``."""
+    from flax import jax_utils
+
+    from deit_jax import models, optim, steps
+
+    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
+    tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=10)
+    p_step = jax.pmap(functools.partial(steps.train_step, model=model, teacher=steps.Teacher(),
+                                        tx=tx, lr_fn=lr_fn, config=config),
+                      axis_name='batch', devices=devices)
+    n = len(devices)
+    batch = {'image': images.reshape(n, -1, *images.shape[1:]), 'label': labels.reshape(n, -1)}
+    new_state, metrics = p_step(jax_utils.replicate(state, devices), batch, None)
+    return jax.tree.map(lambda x: np.asarray(x)[0], (new_state, metrics))
+
+
+def test_step_with_device_augmentation_on_8_devices_equals_1_device():
+    from configs import deit_ti
+    from deit_jax import models, optim, steps
+
+    assert jax.local_device_count() == 8
+    config = deit_ti.get_config('smoke')
+    config.unlock()
+    # The recipe's device half (RandAugment, erasing) on; mixup pairs within a device's batch
+    # and drop path draws per device, so both are off for this comparison.
+    config.update_from_flattened_dict({
+        'aug.on_device': True, 'aug.auto_augment': 'rand-m9-mstd0.5-inc1', 'aug.re_prob': 0.5,
+        'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0, 'model.drop_path_rate': 0.0,
+        'distillation.kind': 'none'})
+    config.lock()
+    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
+    tx, _ = optim.create_optimizer(config, steps_per_epoch=10)
+    state = steps.create_train_state(config, model, tx, jax.random.key(0), 32)
+    images = np.stack([_natural_image(32, 32, seed=s) for s in range(8)])
+    labels = np.arange(8, dtype=np.int32) % 10
+    s8, m8 = _step_on(jax.devices(), config, state, images, labels)
+    s1, m1 = _step_on(jax.devices()[:1], config, state, images, labels)
+    np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+    np.testing.assert_allclose(m8['grad_norm'], m1['grad_norm'], rtol=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+                 s8.params, s1.params)
+    # Adam's first step moves every parameter by ~lr; a wrong mean over devices would not.
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), s1.params, state.params)
+    assert min(jax.tree.leaves(moved)) > 0

@@ -274,6 +274,29 @@ def test_same_seed_same_stream_and_resume_at_k():
     assert not np.allclose(other["image"], full[0]["image"])
 
 
+def test_on_device_hands_over_the_host_paths_uint8_crops_and_resumes_at_k():
+    # aug.on_device: the host stops after crop + flip (the same draws as the host-exact path)
+    # and hands over uint8; the train step does RandAugment, normalisation and erasing.
+    source = ip.synthetic("train", 20, 4, 20)
+    layout = ip.Layout(8, 0, 1, 2)
+    config = make_config(on_device=True)
+    full = collect(ip.train_batches(config, source, layout, image_size=IMG), 6)
+    for batch in full:
+        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 4, IMG, IMG, 3)
+        assert batch["label"].shape == batch["index"].shape == (2, 4)
+    plain = make_config(auto_augment="", color_jitter=0.0, re_prob=0.0)
+    host = collect(ip.train_batches(plain, source, layout, image_size=IMG), 2)
+    for a, b in zip(full, host, strict=False):
+        np.testing.assert_array_equal(a["index"], b["index"])
+        np.testing.assert_array_equal(augment.normalize(tf.constant(a["image"])).numpy(),
+                                      b["image"])
+    assert len({full[0]["image"][0, i].tobytes() for i in range(4)}) == 4
+    resumed = collect(ip.train_batches(config, source, layout, image_size=IMG, start_step=3), 3)
+    for a, b in zip(full[3:], resumed, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
 # ------------------------------------------------------- repeats and the per-process split
 
 
