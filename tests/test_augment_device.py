@@ -277,3 +277,15 @@ def test_step_with_device_augmentation_on_8_devices_equals_1_device():
     # Adam's first step moves every parameter by ~lr; a wrong mean over devices would not.
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), s1.params, state.params)
     assert min(jax.tree.leaves(moved)) > 0
+
+
+def test_step_benchmark_reports_the_augmentations_cost():
+    from configs import common
+    from deit_jax import benchmark
+
+    config = common.base_config()
+    cost = benchmark._augment_cost(config, per_device=2, image_size=16, steps_timed=1)
+    # XLA counts the 15 ops of two RandAugment layers, normalisation and erasing per image:
+    # tens of kFLOP per pixel (16 x 16 pixels here), far below a model's step.
+    assert 1e4 < cost["augment_flops_per_image"] < 1e8
+    assert cost["augment_ms_per_step"] > 0

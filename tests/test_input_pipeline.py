@@ -521,3 +521,16 @@ def test_tfds_startup_errors(tfds_dir, tmp_path):
     _BUILDERS[0](data_dir=tfrecord_dir, file_format="tfrecord").download_and_prepare()
     with pytest.raises(ip.DataError, match="tfrecord.*ArrayRecord.*convert_format"):
         ip.tfds_source("deit_test_images", "train", tfrecord_dir)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_input_benchmark_times_the_host_side_of_each_path(folder, on_device):
+    from deit_jax import benchmark
+
+    r = benchmark.run_input(folder, on_device=on_device, images=8, batch_size=4, warmup=1,
+                            image_size=IMG)
+    assert r["on_device"] is on_device and r["images"] == 8
+    assert r["image_dtype"] == ("uint8" if on_device else "float32")
+    assert r["images_per_sec"] > 0 and r["cpu_ms_per_image"] > 0
+    with pytest.raises(ValueError, match="at least --batch_size"):
+        benchmark.run_input(folder, images=2, batch_size=4)

@@ -190,20 +190,24 @@ def affine(image, matrix, *, fill=IMAGENET_MEAN_UINT8, interpolation='bicubic'):
     dx, dy = (xin - x0)[..., None], (yin - y0)[..., None]
     x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
     if interpolation == 'bicubic':
-        taps, interpolate = tf.range(-1, 3), _cubic
+        taps, interpolate = range(-1, 3), _cubic
     elif interpolation == 'bilinear':
-        taps, interpolate = tf.range(0, 2), _linear
+        taps, interpolate = range(0, 2), _linear
     else:
         raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
-    # All taps in one gather: rows [h, w, taps, 1] x cols [h, w, 1, taps] -> [h, w, taps,
-    # taps, 3]; clamping the indices is PIL's edge rule.
-    rows = tf.clip_by_value(y0[..., None] + taps, 0, height - 1)[..., :, None]
-    cols = tf.clip_by_value(x0[..., None] + taps, 0, width - 1)[..., None, :]
-    # Gathering uint8 and widening after halves the time of gathering float64.
-    window = tf.cast(tf.gather(tf.reshape(image, [-1, 3]), rows * width + cols), tf.float64)
-    # PIL interpolates along x within each row first, then along y.
-    value = interpolate(*tf.unstack(interpolate(*tf.unstack(window, axis=3), dx[..., None, :]),
-                                    axis=2), dy)
+    # One gather per tap from channel planes [3, h * w], widened to float64 once, interpolated
+    # tap row by tap row: TF runs every op unfused, so few ops on [3, h, w] beat one gather
+    # into a [h, w, taps, taps, 3] window (3x faster). Clamped indices are PIL's edge rule;
+    # PIL interpolates along x within each row first, then along y (the same order here).
+    planes = tf.cast(tf.reshape(tf.transpose(image, [2, 0, 1]), [3, -1]), tf.float64)
+    dx, dy = dx[..., 0], dy[..., 0]
+    cols = [tf.clip_by_value(x0 + t, 0, width - 1) for t in taps]
+    row_values = []
+    for t in taps:
+        row = tf.clip_by_value(y0 + t, 0, height - 1) * width
+        row_values.append(interpolate(*[tf.gather(planes, row + col, axis=1) for col in cols],
+                                      dx))
+    value = tf.transpose(interpolate(*row_values, dy), [1, 2, 0])
     value = tf.floor(tf.clip_by_value(value, 0.0, 255.0))
     out = tf.where(inside[..., None], value, tf.constant(fill, tf.float64))
     return tf.cast(out, tf.uint8)
