@@ -289,3 +289,32 @@ def test_step_benchmark_reports_the_augmentations_cost():
     # tens of kFLOP per pixel (16 x 16 pixels here), far below a model's step.
     assert 1e4 < cost["augment_flops_per_image"] < 1e8
     assert cost["augment_ms_per_step"] > 0
+
+
+def test_training_with_device_augmentation_resumes_bit_identically(tmp_path):
+    from configs import deit_ti
+    from deit_jax import checkpoint, train
+
+    def config(max_steps):
+        c = deit_ti.get_config('smoke')
+        c.unlock()
+        # The device path end to end: uint8 crops from the host, colour jitter (RandAugment's
+        # step compiles for a minute on this CPU; its draws are keyed the same way) and
+        # erasing in the step.
+        c.update_from_flattened_dict({
+            'aug.on_device': True, 'aug.color_jitter': 0.3, 'aug.re_prob': 0.5,
+            'distillation.kind': 'none', 'model.name': 'deit_tiny_patch16_224',
+            'max_steps': max_steps, 'checkpoint_every_steps': 2, 'ema.enabled': False})
+        c.lock()
+        return c
+
+    def final(workdir):
+        manager = checkpoint.create_manager(str(workdir), max_to_keep=10, enable_async=False)
+        return checkpoint.restore_raw(manager, manager.latest_step())
+
+    train.train_and_evaluate(config(4), str(tmp_path / 'full'))
+    train.train_and_evaluate(config(2), str(tmp_path / 'resumed'))
+    train.train_and_evaluate(config(4), str(tmp_path / 'resumed'))
+    full, resumed = final(tmp_path / 'full'), final(tmp_path / 'resumed')
+    assert int(full['step']) == int(resumed['step']) == 4
+    jax.tree.map(np.testing.assert_array_equal, resumed, full)
