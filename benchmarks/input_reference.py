@@ -17,12 +17,27 @@ import os
 import time
 
 import torch
+from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_aa
 from timm.data import create_transform
 from torchvision.datasets import ImageFolder
 
 
+def _posterize_as_pillow_9(img, bits_to_keep, **_):
+    """timm's posterize with Pillow < 10's behaviour at 0 bits (a black image; DeiT ran on
+    Pillow 8). Pillow >= 10 raises there, which would end the run at the first
+    PosterizeIncreasing draw of magnitude ~10."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 def run(data_dir: str, images: int = 256, warmup: int = 16) -> dict:
     torch.set_num_threads(1)
+    timm_aa.NAME_TO_OP["PosterizeIncreasing"] = _posterize_as_pillow_9
+    timm_aa.NAME_TO_OP["Posterize"] = _posterize_as_pillow_9
     transform = create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
                                  re_prob=0.25, interpolation="bicubic", color_jitter=0.3)
     dataset = ImageFolder(os.path.join(data_dir, "train"), transform=transform)
