@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset.extra_eval = ""
 
     c.aug = ml_collections.ConfigDict()
+    # True: the host decodes, crops and flips and hands over uint8 views; RandAugment (or colour
+    # jitter), normalisation and random erasing run on the device inside the train step (fast,
+    # same distributions). False: the whole transform on the host, PIL-exact pixels.
+    c.aug.on_device = True
     c.aug.scale = (0.08, 1.0)
     c.aug.ratio = (3 / 4, 4 / 3)
     c.aug.hflip = 0.5
@@ -203,6 +207,9 @@ def smoke(c: ml_collections.ConfigDict) -> None:
     c.aug.hflip = 0.0
     c.aug.re_prob = 0.0
     c.aug.repeated_aug = 1
+    # No RandAugment, jitter or erasing here: the device would only normalise. The host path
+    # keeps the batches float32 images, as the step tests feed them.
+    c.aug.on_device = False
     # A randomly initialised small CNN: exercises the distillation path, teaches nothing.
     if not c.distillation.teacher.startswith("precomputed:"):
         c.distillation.teacher = "regnety_002"

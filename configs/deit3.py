@@ -62,6 +62,7 @@ def _pretrain(c, size, epochs):
     c.optim.weight_decay = 0.05
     c.mixup.label_smoothing = 0.0
     c.aug.three_augment = True
+    c.aug.on_device = False  # 3-Augment runs on the host (deit_jax/augment/three_augment.py)
     c.aug.simple_random_crop = False
     c.aug.auto_augment = ""
     c.aug.color_jitter = 0.3

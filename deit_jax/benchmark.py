@@ -12,7 +12,14 @@ randomly initialised teacher when ``--teacher`` names a model (hard distillation
 random ``teacher_logits [devices, per_device, classes]``; no teacher runs). The batch is put on
 the devices once, so the figure excludes the input pipeline (and the store's host lookup). The
 host waits for the devices only after the warm-up and after the timed steps, never per step.
-Prints one JSON line.
+Prints one JSON line. ``--on_device=true`` (train) feeds uint8 views, so the step includes the
+device augmentation (``aug.on_device``); its own FLOPs per image and time per step (jitted
+alone on one device's batch) and its share of the step time come with the record.
+
+    python -m deit_jax.benchmark --mode=input --data_dir=ROOT [--on_device=true|false]
+
+times the host side of the training input pipeline instead (``run_input``; TensorFlow is
+imported for this mode only).
 
 FLOPs come from XLA's cost analysis of the compiled per-device program (every op: matmuls and
 convolutions as 2 per multiply-add, plus elementwise work, the optimizer update and, with a
@@ -43,14 +50,15 @@ from flax import jax_utils
 
 from configs import common
 from deit_jax import models, optim, steps
+from deit_jax.augment import device as device_aug
 from deit_jax.steps import AXIS
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "input")
 
 
 def build_config(model: str, batch_size: int, *, teacher: str = "", distillation: str = "hard",
                  dtype: str = "float32", attention_impl: str = "", num_classes: int = 1000,
-                 **arch: int) -> ml_collections.ConfigDict:
+                 on_device: bool = False, **arch: int) -> ml_collections.ConfigDict:
     """The full recipe for ``model`` at global ``batch_size``; ``arch`` overrides ``config.model``
     fields (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``; 0 = default)."""
     c = common.base_config()
@@ -61,6 +69,8 @@ def build_config(model: str, batch_size: int, *, teacher: str = "", distillation
         c.model[key] = value
     c.dataset.name = "synthetic"
     c.dataset.num_classes = num_classes
+    # True: the batch holds uint8 views and the step runs the device augmentation.
+    c.aug.on_device = on_device
     c.batch_size = batch_size
     c.eval_batch_size = batch_size
     if teacher:
@@ -115,8 +125,12 @@ def synthetic_batch(config: ml_collections.ConfigDict, image_size: int, devices:
     per_device = config.batch_size // devices
     rng = np.random.default_rng(config.seed)
     shape = (devices, per_device)
+    if mode == "train" and config.aug.on_device:  # the host's uint8 crops
+        image = rng.integers(0, 256, (*shape, image_size, image_size, 3), dtype=np.uint8)
+    else:
+        image = rng.standard_normal((*shape, image_size, image_size, 3), dtype=np.float32)
     batch = {
-        "image": rng.standard_normal((*shape, image_size, image_size, 3), dtype=np.float32),
+        "image": image,
         "label": rng.integers(0, config.dataset.num_classes, shape, dtype=np.int32)}
     if mode == "eval":
         batch["mask"] = np.ones(shape, np.float32)
@@ -124,6 +138,25 @@ def synthetic_batch(config: ml_collections.ConfigDict, image_size: int, devices:
         batch["teacher_logits"] = rng.standard_normal((*shape, config.dataset.num_classes),
                                                       dtype=np.float32)
     return {k: _shard(v) for k, v in batch.items()}
+
+
+def _augment_cost(config: ml_collections.ConfigDict, per_device: int, image_size: int,
+                  steps_timed: int) -> dict[str, float | None]:
+    """The device augmentation alone (``augment.device.augment_batch`` on one device's batch,
+    jitted): XLA's FLOPs per image and its time per step, for its share of the step."""
+    aug = device_aug.DeviceAugment.from_config(config.aug)
+    fn = jax.jit(functools.partial(device_aug.augment_batch, augment=aug))
+    images = jnp.asarray(np.random.default_rng(0).integers(
+        0, 256, (per_device, image_size, image_size, 3), dtype=np.uint8))
+    args = (jax.random.key(0), images, jnp.arange(per_device))
+    compiled = fn.lower(*args).compile()
+    flops = _cost_flops(compiled)
+    jax.block_until_ready(compiled(*args))
+    start = time.perf_counter()
+    outs = [compiled(*args) for _ in range(steps_timed)]
+    jax.block_until_ready(outs)
+    return {"augment_flops_per_image": None if flops is None else flops / per_device,
+            "augment_ms_per_step": 1e3 * (time.perf_counter() - start) / steps_timed}
 
 
 def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: int = 10,
@@ -205,6 +238,8 @@ def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: 
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
 
+    augment = (_augment_cost(config, per_device, image_size, steps_timed)
+               if mode == "train" and config.aug.on_device else {})
     images_per_sec = config.batch_size * steps_timed / seconds
     flops_per_image = None if step_flops is None else step_flops / per_device
     mfu = None
@@ -240,9 +275,51 @@ def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: 
         "peak_tflops": peak_tflops or None,
         "mfu": mfu,
         "peak_memory_bytes": _peak_memory_bytes(devices),
+        "on_device_aug": bool(config.aug.on_device) if mode == "train" else None,
+        **augment,
+        "augment_step_share": (augment["augment_ms_per_step"] / (1e3 * seconds / steps_timed)
+                               if augment else None),
         "jax_version": jax.__version__,
         "flax_version": flax.__version__,
     }
+
+
+def run_input(data_dir: str, *, on_device: bool = True, images: int = 512,
+              batch_size: int = 64, warmup: int = 2, image_size: int = 224,
+              seed: int = 0) -> dict[str, Any]:
+    """Times the host side of the training input pipeline over the ImageFolder ``data_dir``.
+
+    ``input_pipeline.train_batches`` with the full recipe (``base_config``'s aug) and
+    ``aug.on_device``: True = decode, RandomResizedCrop + flip, uint8 hand-over (the step does
+    the rest); False = the whole PIL-exact transform on the host. One process, one device's
+    layout; ``images`` are timed after ``warmup`` batches (tf.data start-up, tracing).
+    """
+    # TensorFlow only here: the step benchmarks must run on images without it.
+    from deit_jax import input_pipeline
+
+    if images < batch_size:
+        raise ValueError(f"--images={images} must be at least --batch_size={batch_size}")
+    c = common.base_config()
+    c.seed = seed
+    c.dataset.name = "imagefolder"
+    c.dataset.data_dir = data_dir
+    c.aug.on_device = on_device
+    source = input_pipeline.get_source(c, "train", image_size)
+    layout = input_pipeline.Layout(batch_size, 0, 1, 1)
+    batches = input_pipeline.train_batches(c, source, layout, image_size=image_size)
+    for _ in range(warmup):
+        next(batches)
+    steps_timed = images // batch_size
+    load = os.getloadavg()[0]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(steps_timed):
+        batch = next(batches)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    n = steps_timed * batch_size
+    return {"framework": "deit_jax", "mode": "input", "on_device": on_device,
+            "image_dtype": str(batch["image"].dtype), "images": n, "batch_size": batch_size,
+            "images_per_sec": n / seconds, "cpu_ms_per_image": 1e3 * cpu_seconds / n,
+            "cpus": len(os.sched_getaffinity(0)), "loadavg_1min": load}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -267,11 +344,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
         p.add_argument(f"--{key}", type=int, default=0, help="DeiT override; 0 = the model's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data_dir", default="", help="--mode=input: an ImageFolder root (train/)")
+    p.add_argument("--on_device", default="", choices=("", "true", "false"),
+                   help="aug.on_device. --mode=input (default true): the host side of that "
+                   "path is timed. --mode=train (default false): true = uint8 views augmented "
+                   "in the step, with the augmentation's FLOPs and step-time share")
+    p.add_argument("--images", type=int, default=512, help="--mode=input: images timed")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
+    if a.mode == "input":
+        if not a.data_dir:
+            raise SystemExit("--mode=input needs --data_dir=ROOT (an ImageFolder with train/; "
+                             "benchmarks/input_make_data.py makes one)")
+        result = run_input(a.data_dir, on_device=a.on_device != "false", images=a.images,
+                           batch_size=a.batch_size, warmup=a.warmup, seed=a.seed,
+                           image_size=a.img_size or 224)
+        print(json.dumps(result), flush=True)
+        return result
     arch = {k: getattr(a, k) for k in ("img_size", "patch_size", "embed_dim", "depth",
                                        "num_heads") if getattr(a, k)}
     if arch and not models.is_deit(a.model):
@@ -279,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     attention_impl = "" if a.attention_impl == "xla" else a.attention_impl
     config = build_config(a.model, a.batch_size, teacher=a.teacher, distillation=a.distillation,
                           dtype=a.dtype, attention_impl=attention_impl,
-                          num_classes=a.num_classes, **arch)
+                          num_classes=a.num_classes, on_device=a.on_device == "true", **arch)
     config.seed = a.seed
     result = run(config, mode=a.mode, steps_timed=a.steps, warmup=a.warmup,
                  peak_tflops=a.peak_tflops)

@@ -6,7 +6,8 @@ from a stateless seed derived from ``(seed, epoch, position)``. A run resumed at
 sees exactly the batches an uninterrupted run sees, without reading the first k again.
 
 Batches are dicts of numpy arrays shaped ``[local_devices, per_device, ...]``:
-``image`` float32 ``[..., H, W, 3]`` (normalised), ``label`` int32, ``index`` int64 (example
+``image`` float32 ``[..., H, W, 3]`` (normalised; uint8 crop + flip views for training under
+``aug.on_device``, augmented in the train step), ``label`` int32, ``index`` int64 (example
 id in the split) and, for evaluation, ``mask`` (1 for real examples, 0 for padding or an
 undecodable file) plus the source's extra fields (ReaL's ``real_label``).
 
@@ -30,7 +31,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from deit_jax import augment, three_augment
+from deit_jax.augment import host as host_aug
+from deit_jax.augment import three_augment
 from deit_jax.data_sources import (  # noqa: F401 - re-exported: train.py reads them from here
     DataError,
     Source,
@@ -192,7 +194,7 @@ def crop_views_transform(config: ml_collections.ConfigDict, image_size: int, vie
     aug = config.aug
 
     def transform(image, index):
-        images, crops = augment.crop_views(
+        images, crops = host_aug.crop_views(
             image, view_seed(config.seed, index + index_offset), views=views, img_size=image_size,
             scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
             interpolation=aug.interpolation)
@@ -263,8 +265,10 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
                   crops: np.ndarray | None = None) -> Batches:
     """Endless training batches for this process, starting at global step ``start_step``.
 
-    Yields ``image`` float32 [local_devices, per_device, image_size, image_size, 3],
-    ``label`` int32 and ``index`` int64 [local_devices, per_device]. An undecodable example
+    Yields ``image`` float32 [local_devices, per_device, image_size, image_size, 3] (normalised,
+    fully augmented) or, with ``aug.on_device``, uint8 (the crop + flip view; the train step
+    augments and normalises it), ``label`` int32 and ``index`` int64 [local_devices,
+    per_device]. An undecodable example
     is replaced by the next loadable one of the split (same augmentation seed), logged and
     counted in the returned iterator's ``errors``; ``dataset.strict_decoding`` raises instead.
 
@@ -283,6 +287,7 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
     first = layout.process_index * layout.local_devices
     scale, ratio = tuple(aug.scale), tuple(aug.ratio)
     strict = _strict(config)
+    on_device = bool(aug.get("on_device", False))
     keys = ("index", "epoch", "position")
     if crops is not None:
         if crops.ndim != 3 or crops.shape[0] != source.num_examples or crops.shape[2] != 5:
@@ -298,14 +303,18 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
             # The view of the example really loaded (a corrupt file's replacement has its own).
             crop = tf.gather_nd(crop_table, tf.stack([tf.maximum(element["loaded"], 0),
                                                       element["view"]]))
-        if aug.three_augment:  # DeiT III (official --ThreeAugment [--src])
+        if aug.three_augment:  # DeiT III (official --ThreeAugment [--src]), host path only
             image = three_augment.train_transform(
                 element["image"], seed, img_size=image_size,
                 simple_crop=aug.simple_random_crop, scale=scale, ratio=ratio,
                 hflip=aug.hflip, color_jitter=aug.color_jitter,
                 interpolation=aug.interpolation, crop=crop)
+        elif on_device:  # crop + flip only: the train step does the rest (augment.device)
+            image = host_aug.train_crop(
+                element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
+                hflip=aug.hflip, interpolation=aug.interpolation, crop=crop)
         else:
-            image = augment.train_transform(
+            image = host_aug.train_transform(
                 element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
                 hflip=aug.hflip, auto_augment=aug.auto_augment or None,
                 color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
@@ -413,7 +422,7 @@ def eval_batches(config: ml_collections.ConfigDict, source: Source, layout: Layo
     def apply(element):
         if transform is not None:
             return {**element, **transform(element["image"], element["index"])}
-        image = augment.eval_transform(element["image"], img_size=image_size,
+        image = host_aug.eval_transform(element["image"], img_size=image_size,
                                        crop_ratio=crop_ratio,
                                        interpolation=config.aug.interpolation)
         return {**element, "image": image}

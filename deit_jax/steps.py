@@ -20,9 +20,12 @@ import optax
 from flax import struct
 
 from deit_jax import losses, models, optim
+from deit_jax.augment import device as device_aug
 from deit_jax.mixup import mix_rows, mixup_cutmix
 
 AXIS = "batch"
+# fold_in value of the augmentation key under the step key: no device index reaches it.
+AUG_STREAM = 2**31 - 1
 
 
 class TrainState(struct.PyTreeNode):
@@ -121,12 +124,31 @@ def _teacher_targets(batch, images, lam, teacher, teacher_vars, config):
     return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
 
+def augment_on_device(step_key: jax.Array, images: jax.Array,
+                      config: ml_collections.ConfigDict) -> jax.Array:
+    """The device half of the training transform (``aug.on_device``), before mixup.
+
+    Args:
+      step_key: the step's key (not per device).
+      images: uint8 [per_device, H, W, 3], this device's shard of the global batch.
+    Returns:
+      float32 [per_device, H, W, 3], normalised. Example j of device d draws from its position
+      d * per_device + j in the global batch, so the result does not depend on the device count.
+    """
+    per_device = images.shape[0]
+    positions = jax.lax.axis_index(AXIS) * per_device + jnp.arange(per_device)
+    return device_aug.augment_batch(jax.random.fold_in(step_key, AUG_STREAM), images, positions,
+                                    device_aug.DeviceAugment.from_config(config.aug))
+
+
 def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.Module,
                teacher: Teacher, tx: optax.GradientTransformation, lr_fn,
                config: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
     """One optimizer step on this device's shard of the global batch (pmapped over ``batch``)."""
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))  # per-device randomness
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rng = jax.random.fold_in(step_key, jax.lax.axis_index(AXIS))  # per-device randomness
+    if config.aug.get("on_device", False):
+        batch = {**batch, "image": augment_on_device(step_key, batch["image"], config)}
     mix_rng, drop_rng = jax.random.split(rng)
     dist = config.distillation
     num_classes = model.num_classes

@@ -23,11 +23,13 @@ IMG = 16  # model input size in these tests: small keeps RandAugment cheap
 
 
 def make_config(**aug):
+    """The recipe on the host-exact path (``aug.on_device=False``) unless ``aug`` says so."""
     c = common.base_config()
     c.seed = 3
     # These sets hold fewer than 256 examples: the official RASampler's N // 256 * 256 epoch
     # (test_ra_epoch_length_matches_the_official_sampler) would keep none of them.
     c.aug.ra_multiple = 1
+    c.aug.on_device = False
     for k, v in aug.items():
         c.aug[k] = v
     return c
@@ -274,6 +276,29 @@ def test_same_seed_same_stream_and_resume_at_k():
     other = next(ip.train_batches(config, source, layout, image_size=IMG))
     assert not np.array_equal(other["index"], full[0]["index"])
     assert not np.allclose(other["image"], full[0]["image"])
+
+
+def test_on_device_hands_over_the_host_paths_uint8_crops_and_resumes_at_k():
+    # aug.on_device: the host stops after crop + flip (the same draws as the host-exact path)
+    # and hands over uint8; the train step does RandAugment, normalisation and erasing.
+    source = ip.synthetic("train", 20, 4, 20)
+    layout = ip.Layout(8, 0, 1, 2)
+    config = make_config(on_device=True)
+    full = collect(ip.train_batches(config, source, layout, image_size=IMG), 6)
+    for batch in full:
+        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 4, IMG, IMG, 3)
+        assert batch["label"].shape == batch["index"].shape == (2, 4)
+    plain = make_config(auto_augment="", color_jitter=0.0, re_prob=0.0)
+    host = collect(ip.train_batches(plain, source, layout, image_size=IMG), 2)
+    for a, b in zip(full, host, strict=False):
+        np.testing.assert_array_equal(a["index"], b["index"])
+        np.testing.assert_array_equal(augment.normalize(tf.constant(a["image"])).numpy(),
+                                      b["image"])
+    assert len({full[0]["image"][0, i].tobytes() for i in range(4)}) == 4
+    resumed = collect(ip.train_batches(config, source, layout, image_size=IMG, start_step=3), 3)
+    for a, b in zip(full[3:], resumed, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
 
 
 # ------------------------------------------------------- repeats and the per-process split
@@ -534,3 +559,16 @@ def test_tfds_startup_errors(tfds_dir, tmp_path):
     _BUILDERS[0](data_dir=tfrecord_dir, file_format="tfrecord").download_and_prepare()
     with pytest.raises(ip.DataError, match="tfrecord.*ArrayRecord.*convert_format"):
         ip.tfds_source("deit_test_images", "train", tfrecord_dir)
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_input_benchmark_times_the_host_side_of_each_path(folder, on_device):
+    from deit_jax import benchmark
+
+    r = benchmark.run_input(folder, on_device=on_device, images=8, batch_size=4, warmup=1,
+                            image_size=IMG)
+    assert r["on_device"] is on_device and r["images"] == 8
+    assert r["image_dtype"] == ("uint8" if on_device else "float32")
+    assert r["images_per_sec"] > 0 and r["cpu_ms_per_image"] > 0
+    with pytest.raises(ValueError, match="at least --batch_size"):
+        benchmark.run_input(folder, images=2, batch_size=4)

@@ -16,7 +16,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
-from deit_jax import augment, three_augment
+from deit_jax import augment
+from deit_jax.augment import tf_random, three_augment
 
 
 def _images():
@@ -112,7 +113,7 @@ def test_train_transform_equals_the_official_composition():
     for i in range(12):
         seed = _seed(i)
         got = three_augment.train_transform(image, seed, img_size=48).numpy()
-        s_crop, s_flip, s_choice, s_color = augment._split(seed, 4)
+        s_crop, s_flip, s_choice, s_color = tf_random.split_seed(seed, 4)
         crop = augment.crop_flip_params(s_crop, s_flip, 80, 96)
         op, radius = (v.numpy() for v in three_augment.three_augment_draws(s_choice))
         order, factors = (v.numpy() for v in augment.color_jitter_draws(s_color, 0.3))
@@ -133,7 +134,7 @@ def test_train_transform_equals_the_official_composition():
 def test_device_version_equals_the_host_ops_on_the_same_draws():
     import jax
 
-    from deit_jax import three_augment_device as device
+    from deit_jax.augment import three_augment_device as device
 
     images = np.stack([np.asarray(Image.fromarray(im).resize((40, 36))) for im in _images()]
                       * 3)  # [6, 36, 40, 3]

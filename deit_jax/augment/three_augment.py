@@ -21,7 +21,7 @@ import math
 
 import tensorflow as tf
 
-from deit_jax import augment
+from deit_jax.augment import host, jitter, ops, tf_random
 
 BLUR_RADIUS = (0.1, 2.0)  # official GaussianBlur(radius_min=0.1, radius_max=2.0)
 _BLUR_PASSES = 3  # PIL's ImageFilter.GaussianBlur: image.gaussian_blur(xy, passes=3)
@@ -33,13 +33,13 @@ def grayscale(image):
 
     uint8 [height, width, 3] -> uint8 [height, width, 3].
     """
-    luma = tf.cast(augment._luma(image), tf.uint8)
+    luma = tf.cast(ops._luma(image), tf.uint8)
     return tf.stack([luma] * 3, axis=-1)
 
 
 def solarize(image):
     """The official ``Solarization``: PIL ``ImageOps.solarize(image)`` (threshold 128)."""
-    return augment.solarize(image, 128)
+    return ops.solarize(image, 128)
 
 
 def box_blur_radius(radius):
@@ -105,9 +105,9 @@ def gaussian_blur(image, radius, *, max_radius: float = BLUR_RADIUS[1]):
 def three_augment_draws(seed, *, radius=BLUR_RADIUS):
     """The op (0 grayscale, 1 solarize, 2 blur; uniform like ``RandomChoice``) and the blur
     radius ~ U(radius): (int32 scalar, float32 scalar)."""
-    s_op, s_radius = augment._split(seed, 2)
-    op = augment._randint(s_op, 0, len(OPS) - 1)
-    return op, augment._uniform(s_radius, (), radius[0], radius[1])
+    s_op, s_radius = tf_random.split_seed(seed, 2)
+    op = tf_random.randint(s_op, 0, len(OPS) - 1)
+    return op, tf_random.uniform(s_radius, (), radius[0], radius[1])
 
 
 def three_augment(image, seed, *, radius=BLUR_RADIUS):
@@ -125,14 +125,14 @@ def simple_random_crop_params(seed, height, width, *, size, padding=4):
     """torchvision ``RandomCrop(size, padding).get_params`` after ``Resize(size)``: the resized
     shape (shorter side ``size``; longer ``int(size * long / short)``) and the crop's top-left
     corner uniform in the padded image. Returns int32 (new_h, new_w, top, left)."""
-    s_top, s_left = augment._split(seed, 2)
+    s_top, s_left = tf_random.split_seed(seed, 2)
     short, long = tf.minimum(height, width), tf.maximum(height, width)
     new_long = tf.cast(tf.floor(tf.cast(size * long, tf.float64) / tf.cast(short, tf.float64)),
                        tf.int32)
     new_h = tf.where(height <= width, size, new_long)
     new_w = tf.where(height <= width, new_long, size)
-    top = augment._randint(s_top, 0, new_h + 2 * padding - size)
-    left = augment._randint(s_left, 0, new_w + 2 * padding - size)
+    top = tf_random.randint(s_top, 0, new_h + 2 * padding - size)
+    left = tf_random.randint(s_left, 0, new_w + 2 * padding - size)
     return new_h, new_w, top, left
 
 
@@ -152,7 +152,7 @@ def simple_random_crop(image_uint8, seed, *, size, padding=4, interpolation="bic
     shape = tf.shape(image_uint8)
     new_h, new_w, top, left = simple_random_crop_params(seed, shape[0], shape[1], size=size,
                                                         padding=padding)
-    resized = tf.cast(augment._resize(image_uint8, new_h, new_w, interpolation), tf.uint8)
+    resized = tf.cast(host._resize(image_uint8, new_h, new_w, interpolation), tf.uint8)
     return tf.ensure_shape(pad_crop(resized, top, left, size=size, padding=padding),
                            [size, size, 3])
 
@@ -167,26 +167,26 @@ def train_transform(image_uint8, seed, *, img_size, simple_crop: bool = False,
       seed: int [2].
       simple_crop: the official ``--src`` (Resize + RandomCrop(padding 4, reflect))
         instead of RandomResizedCrop(``scale``, ``ratio``).
-      crop: None, or a stored RandomResizedCrop view int32 [5] (``augment.crop_flip_params``)
+      crop: None, or a stored RandomResizedCrop view int32 [5] (``host.crop_flip_params``)
         replacing the crop and flip draws (not with ``simple_crop``).
     Returns:
       float32 [img_size, img_size, 3], normalised.
     """
-    s_crop, s_flip, s_choice, s_color = augment._split(seed, 4)
+    s_crop, s_flip, s_choice, s_color = tf_random.split_seed(seed, 4)
     if simple_crop:
         if crop is not None:
             raise ValueError("stored crop views are RandomResizedCrop views; they do not "
                              "combine with aug.simple_random_crop")
         image = simple_random_crop(image_uint8, s_crop, size=img_size, interpolation=interpolation)
-        flip = augment._uniform(s_flip) < hflip
+        flip = tf_random.uniform(s_flip) < hflip
         image = tf.where(flip, image[:, ::-1], image)
     else:
         if crop is None:
             shape = tf.shape(image_uint8)
-            crop = augment.crop_flip_params(s_crop, s_flip, shape[0], shape[1], scale=scale,
+            crop = host.crop_flip_params(s_crop, s_flip, shape[0], shape[1], scale=scale,
                                             ratio=ratio, hflip=hflip)
-        image = augment.crop_flip(image_uint8, crop, size=img_size, method=interpolation)
+        image = host.crop_flip(image_uint8, crop, size=img_size, method=interpolation)
     image = three_augment(image, s_choice)
     if color_jitter:
-        image = augment.color_jitter(image, s_color, strength=color_jitter)
-    return augment.normalize(image)
+        image = jitter.color_jitter(image, s_color, strength=color_jitter)
+    return host.normalize(image)

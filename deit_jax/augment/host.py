@@ -1,0 +1,230 @@
+"""The host transforms: RandomResizedCrop + flip, PIL's two-pass resize, normalise, eval view,
+and the full PIL-exact training transform (``aug.on_device=False``).
+"""
+
+import math
+
+import tensorflow as tf
+
+from deit_jax.augment.erasing import random_erasing
+from deit_jax.augment.jitter import color_jitter as _color_jitter
+from deit_jax.augment.policy import IMAGENET_MEAN, IMAGENET_STD, parse_rand_augment
+from deit_jax.augment.randaugment import rand_augment
+from deit_jax.augment.tf_random import randint, split_seed, uniform
+
+# ---------------------------------------------------------------------------------------
+# RandomResizedCrop, flip, resize, normalise.
+
+
+def random_resized_crop_params(seed, height, width, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's `RandomResizedCrop.get_params` with stateless draws.
+
+    torchvision tries up to 10 (area, log-aspect) draws and takes the first crop that fits,
+    else falls back to the largest centred crop with the aspect ratio clamped into `ratio`.
+    Here the 10 tries are drawn at once and the first fitting one is selected, which is
+    the same distribution.
+
+    Args:
+      seed: int [2].
+      height, width: image size (int or int32 scalar tensors).
+      scale: range of the crop area as a fraction of the image area.
+      ratio: range of the crop aspect ratio w / h (sampled log-uniformly).
+    Returns:
+      (top, left, h, w), int32 scalars.
+    """
+    s_area, s_ratio, s_top, s_left = split_seed(seed, 4)
+    height = tf.convert_to_tensor(height, tf.int32)
+    width = tf.convert_to_tensor(width, tf.int32)
+    area = tf.cast(height * width, tf.float64)
+    # torchvision draws float32 and does the rest in Python floats (float64).
+    target_area = area * tf.cast(uniform(s_area, [10], scale[0], scale[1]), tf.float64)
+    log_ratio = uniform(s_ratio, [10], math.log(ratio[0]), math.log(ratio[1]))
+    aspect = tf.cast(tf.exp(log_ratio), tf.float64)
+    # tf.round rounds half to even like Python's round().
+    tries_w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+    tries_h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    fits = (tries_w > 0) & (tries_w <= width) & (tries_h > 0) & (tries_h <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32))  # index of the first fitting try
+
+    in_ratio = tf.cast(width, tf.float64) / tf.cast(height, tf.float64)
+    lo, hi = min(ratio), max(ratio)
+    fb_w = tf.where(
+        in_ratio > hi, tf.cast(tf.round(tf.cast(height, tf.float64) * hi), tf.int32), width)
+    fb_h = tf.where(
+        in_ratio < lo, tf.cast(tf.round(tf.cast(width, tf.float64) / lo), tf.int32), height)
+
+    found = tf.reduce_any(fits)
+    h = tf.where(found, tries_h[first], fb_h)
+    w = tf.where(found, tries_w[first], fb_w)
+    top = tf.where(found, randint(s_top, 0, height - h), (height - h) // 2)
+    left = tf.where(found, randint(s_left, 0, width - w), (width - w) // 2)
+    return top, left, h, w
+
+
+def _resize(image, height, width, method):
+    """PIL `Image.resize((width, height), method)` of an 8-bit image, as float32.
+
+    PIL resamples horizontally, stores the intermediate as uint8 (rounded, clipped), then
+    resamples vertically. Doing the same with two antialiased one-axis `tf.image.resize`
+    calls matches PIL to 1 grey level on ~0.02% of pixels (PIL's fixed-point weights);
+    one 2-D float resize would differ by up to ~15 levels next to saturated edges.
+
+    Args:
+      image: [in_height, in_width, 3], values in [0, 255].
+    Returns:
+      float32 [height, width, 3], integers in [0, 255].
+    """
+    image = tf.cast(image, tf.float32)
+    for size in ([tf.shape(image)[0], width], [height, width]):
+        image = tf.image.resize(image, size, method=method, antialias=True)
+        image = tf.round(tf.clip_by_value(image, 0.0, 255.0))
+    return image
+
+
+def random_resized_crop(image, seed, *, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        method='bicubic'):
+    """torchvision `RandomResizedCrop(size, scale, ratio, interpolation=method)`.
+
+    Args:
+      image: [height, width, 3], any real dtype with values in [0, 255].
+      seed: int [2].
+    Returns:
+      float32 [size, size, 3], integers in [0, 255] like PIL's 8-bit output.
+    """
+    shape = tf.shape(image)
+    top, left, h, w = random_resized_crop_params(
+        seed, shape[0], shape[1], scale=scale, ratio=ratio)
+    return _crop_resize(image, top, left, h, w, size, method)
+
+
+def _crop_resize(image, top, left, h, w, size, method):
+    crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, -1]))
+    return tf.ensure_shape(_resize(crop, size, size, method), [size, size, 3])
+
+
+def crop_flip_params(crop_seed, flip_seed, height, width, *, scale=(0.08, 1.0),
+                     ratio=(3 / 4, 4 / 3), hflip=0.5):
+    """One RandomResizedCrop + horizontal-flip draw as a view: int32 [5] = (top, left,
+    height, width, flip), flip 1 with probability `hflip`."""
+    top, left, h, w = random_resized_crop_params(crop_seed, height, width, scale=scale,
+                                                 ratio=ratio)
+    flip = (tf.cast(uniform(flip_seed) < hflip, tf.int32) if hflip > 0
+            else tf.constant(0, tf.int32))
+    return tf.stack([top, left, h, w, flip])
+
+
+def crop_flip(image_uint8, crop, *, size, method='bicubic'):
+    """Applies a view `crop` (int32 [5], see `crop_flip_params`): crop, resize to
+    size x size as PIL does, mirror when flip is 1. Returns uint8 [size, size, 3]."""
+    crop = tf.cast(crop, tf.int32)
+    image = _crop_resize(image_uint8, crop[0], crop[1], crop[2], crop[3], size, method)
+    image = tf.cast(image, tf.uint8)  # already rounded to integers in [0, 255]
+    return tf.where(crop[4] > 0, image[:, ::-1], image)
+
+
+def crop_views(image_uint8, seed, *, views, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+               hflip=0.5, interpolation='bicubic'):
+    """`views` independent crop + flip views of one image, as `train_transform` makes them
+    before its photometric part (precomputed teacher logits per view, FKD-style).
+
+    Args:
+      image_uint8: uint8 [height, width, 3].
+      seed: int [2].
+    Returns:
+      (images float32 [views, img_size, img_size, 3] normalised, crops int32 [views, 5]).
+    """
+    shape = tf.shape(image_uint8)
+    images, crops = [], []
+    for view_seed in split_seed(seed, views):
+        crop = crop_flip_params(*split_seed(view_seed, 2), shape[0], shape[1], scale=scale,
+                                ratio=ratio, hflip=hflip)
+        images.append(normalize(crop_flip(image_uint8, crop, size=img_size,
+                                          method=interpolation)))
+        crops.append(crop)
+    return tf.stack(images), tf.stack(crops)
+
+
+def normalize(image):
+    """`ToTensor()` + `Normalize(IMAGENET_MEAN, IMAGENET_STD)`: [..., 3] -> float32."""
+    x = tf.cast(image, tf.float32) / 255.0
+    return (x - tf.constant(IMAGENET_MEAN, tf.float32)) / tf.constant(IMAGENET_STD, tf.float32)
+
+
+def eval_transform(image_uint8, *, img_size, crop_ratio=0.875, interpolation='bicubic'):
+    """timm/torchvision eval: Resize(int(img_size / crop_ratio)) shorter side, CenterCrop.
+
+    Args:
+      image_uint8: [height, width, 3] uint8.
+    Returns:
+      float32 [img_size, img_size, 3], normalised.
+    """
+    resize_to = math.floor(img_size / crop_ratio)
+    shape = tf.shape(image_uint8)
+    h, w = shape[0], shape[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    # torchvision: new_long = int(new_short * long / short), in Python floats.
+    new_long = tf.cast(tf.floor(
+        tf.cast(resize_to * long, tf.float64) / tf.cast(short, tf.float64)), tf.int32)
+    new_h = tf.where(h <= w, resize_to, new_long)
+    new_w = tf.where(h <= w, new_long, resize_to)
+    image = _resize(image_uint8, new_h, new_w, interpolation)
+    # torchvision CenterCrop: int(round((size_in - size_out) / 2.0)), half to even.
+    top = tf.cast(tf.round(tf.cast(new_h - img_size, tf.float64) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - img_size, tf.float64) / 2.0), tf.int32)
+    image = tf.slice(image, tf.stack([top, left, 0]), [img_size, img_size, 3])
+    return normalize(image)
+
+
+
+def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                    hflip=0.5, auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.3,
+                    re_prob=0.25, re_mode='pixel', re_count=1, interpolation='bicubic',
+                    crop=None):
+    """The DeiT training transform, in timm `create_transform(is_training=True)` order.
+
+    RandomResizedCrop -> horizontal flip -> RandAugment (colour jitter instead when
+    `auto_augment` is None, as timm disables jitter under RandAugment) -> normalise ->
+    random erasing. RandAugment's hparams are timm's: fill = IMAGENET_MEAN_UINT8 and the
+    same `interpolation` as the crop.
+
+    Args:
+      image_uint8: uint8 [height, width, 3].
+      seed: int [2].
+      crop: None, or a stored view int32 [5] (`crop_flip_params`) that replaces the crop and
+        flip draws (`scale`, `ratio`, `hflip` are then unused); the rest is unchanged.
+    Returns:
+      float32 [img_size, img_size, 3], normalised.
+    """
+    _, _, s_color, s_erase = split_seed(seed, 4)
+    image = train_crop(image_uint8, seed, img_size=img_size, scale=scale, ratio=ratio,
+                       hflip=hflip, interpolation=interpolation, crop=crop)
+    if auto_augment:
+        image = rand_augment(image, s_color, interpolation=interpolation,
+                             **parse_rand_augment(auto_augment))
+    elif color_jitter:
+        image = _color_jitter(image, s_color, strength=color_jitter)
+    out = normalize(image)
+    if re_prob > 0:
+        out = random_erasing(out, s_erase, prob=re_prob, mode=re_mode, count=re_count)
+    return out
+
+
+
+def train_crop(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+               hflip=0.5, interpolation='bicubic', crop=None):
+    """The host's part of the training transform under ``aug.on_device``: RandomResizedCrop +
+    flip, drawn from `seed` exactly as `train_transform` draws them (the same crop and flip).
+
+    Args:
+      image_uint8: uint8 [height, width, 3].
+      seed: int [2], the example's seed (`train_transform`'s).
+      crop: None, or a stored view int32 [5] that replaces the crop and flip draws.
+    Returns:
+      uint8 [img_size, img_size, 3].
+    """
+    s_crop, s_flip, _, _ = split_seed(seed, 4)
+    if crop is None:
+        shape = tf.shape(image_uint8)
+        crop = crop_flip_params(s_crop, s_flip, shape[0], shape[1], scale=scale, ratio=ratio,
+                                hflip=hflip)
+    return crop_flip(image_uint8, crop, size=img_size, method=interpolation)
