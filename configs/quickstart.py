@@ -27,7 +27,9 @@ def get_config(arg=None):
     c.dataset.name = "fashion_mnist"
     c.dataset.num_classes = 10
     c.model.img_size = 28  # the student sees a 4x4 grid of 7x7-pixel patches
-    c.aug.scale = (0.6, 1.0)
+    # A few epochs leave no time to overfit: no crops (the whole 28x28 image), flips only.
+    c.aug.scale = (1.0, 1.0)
+    c.aug.ratio = (1.0, 1.0)
     c.aug.auto_augment = ""
     c.aug.color_jitter = 0.0
     c.aug.re_prob = 0.0
@@ -38,28 +40,34 @@ def get_config(arg=None):
     c.ema.enabled = False  # a few hundred steps: an EMA would still be mostly the init
     c.batch_size = 256
     c.eval_batch_size = 1000
-    c.optim.lr = 4e-3  # x 256/512
-    c.optim.warmup_epochs = 0.5
+    c.optim.warmup_epochs = 0.1
     c.optim.min_lr = 1e-5
     c.optim.per_epoch = False
     c.log_every_steps = 50
     c.checkpoint_every_steps = 500
+    # The teacher: RegNetY-200MF's first three stages (regnety_002_3stage; models/__init__.py).
+    # The full 4-stage net downsamples 32x and leaves a 1x1 last map on 28x28 images; it got
+    # 83.2% after 2 epochs (76% after 1) where this one gets TEACHER_2EP.
+    teacher = "regnety_002_3stage"
     if arg.teacher:
-        c.model.name = "regnety_002"
+        c.model.name = teacher
         c.model.drop_path_rate = 0.0
-        c.num_epochs = 1.0
-        c.eval_every_epochs = 1.0
+        c.optim.lr = 8e-3  # x 256/512
+        c.num_epochs = 3.0
+        c.eval_every_epochs = 3.0
     else:
         c.model.name = "deit_tiny_distilled_patch16_224"
         c.model.patch_size = 7
         c.model.embed_dim = 96
         c.model.depth = 4
         c.model.num_heads = 3
-        c.model.drop_path_rate = 0.05
+        c.model.drop_path_rate = 0.0
+        c.optim.lr = 4e-3  # x 256/512
+        c.optim.warmup_epochs = 0.3
         c.distillation.kind = "hard"
-        c.distillation.teacher = "regnety_002"
-        c.num_epochs = 2.0
-        c.eval_every_epochs = 2.0
+        c.distillation.teacher = teacher
+        c.num_epochs = 3.0
+        c.eval_every_epochs = 3.0
     if arg.epochs:
         c.num_epochs = arg.epochs
         c.eval_every_epochs = arg.epochs

@@ -71,7 +71,8 @@ def run_student(workdir: str, cell: str, seed: int, *, train_size: int, epochs: 
     seconds = time.time() - t0
     cnn = os.path.join(workdir, "teacher_cnn")
     if os.path.exists(os.path.join(cnn, "DONE")):
-        config = _config(arg, {**overrides, "distillation.teacher": "regnety_002"})
+        cnn_model = study.get_config("role=teacher_cnn").model.name
+        config = _config(arg, {**overrides, "distillation.teacher": cnn_model})
     else:
         cnn = ""  # no convnet teacher trained (a lone none/cls2 cell): no agreement figure
     figures = analyze.run(config, weights=run_dir, teacher_init=cnn, num_maps=0)

@@ -56,3 +56,22 @@ def test_one_cell_on_a_tiny_budget_writes_its_row(tmp_path):
     assert f"| cls2 | 1 | {row['top1_cls']:.2f} ± 0.00 |" in table
     assert os.path.getsize(os.path.join(workdir, "study.png")) > 2000
     assert os.path.exists(os.path.join(workdir, "cls2_seed0", "DONE"))
+
+
+def test_quickstart_teacher_is_regnety_002_without_its_last_stage():
+    import jax
+    import jax.numpy as jnp
+    import timm
+
+    from deit_jax import models
+
+    ref = timm.create_model("regnety_002", num_classes=10)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # Stem and stages 1-3 as timm's (s4 dropped), the head on 152 channels instead of 368.
+    expected = count(ref) - count(ref.s4) - count(ref.head.fc) + 152 * 10 + 10
+    model = models.create_model("regnety_002_3stage", num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)), train=False)
+    assert sum(x.size for x in jax.tree.leaves(variables["params"])) == expected
+    assert model.apply(variables, jnp.ones((2, 28, 28, 3)), train=False).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown override"):
+        models.create_model("regnety_002_3stage", img_size=28)
