@@ -30,7 +30,7 @@ DEIT_CONFIGS: dict[str, dict[str, Any]] = {
     "deit_base_distilled_patch16_384": dict(**_B, img_size=384, distilled=True),
     # Not official: the transformer teacher of the 28x28 claims study (configs/study.py), named
     # so that a distillation run can build it from its name.
-    "deit_fmnist_patch7_28": dict(img_size=28, patch_size=7, embed_dim=192, depth=6,
+    "deit_fmnist_patch7_28": dict(img_size=28, patch_size=7, embed_dim=192, depth=4,
                                   num_heads=3),
 }
 # Not official: RegNetY-200MF's first three stages (widths 24, 56, 152x4; 6 blocks), the
