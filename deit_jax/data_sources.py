@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import gzip
 import os
+import re
 from collections.abc import Callable
 
 import ml_collections
@@ -335,7 +336,13 @@ def get_source(config: ml_collections.ConfigDict, split: str, image_size: int) -
     """The source of ``split`` ('train' or 'eval') as ``config.dataset`` describes it."""
     ds = config.dataset
     if ds.name == "fashion_mnist":
-        return fashion_mnist(split, ds.data_dir or None, ds.download)
+        source = fashion_mnist(split, ds.data_dir or None, ds.download)
+        # 'train[:N]': the first N training examples (data-efficient studies, reproduce.py).
+        match = re.fullmatch(r"train\[:(\d+)\]", ds.train_split) if split == "train" else None
+        if match and not 0 < int(match[1]) <= source.num_examples:
+            raise DataError(f"dataset.train_split={ds.train_split!r}: N must be in 1.."
+                            f"{source.num_examples}")
+        return source.slice(0, int(match[1])) if match else source
     if ds.name == "synthetic":
         n = ds.synthetic_train_size if split == "train" else ds.synthetic_eval_size
         return synthetic(split, n, ds.num_classes, image_size)

@@ -7,7 +7,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-DISTILLATION_KINDS = ("none", "soft", "hard")
+DISTILLATION_KINDS = ("none", "soft", "hard", "cls2")
+# 'cls2' is the paper's two-class-token ablation (section 5.1): the distilled model's second
+# token and head ("dist") are trained on the true labels like the cls head; no teacher.
+TEACHER_KINDS = ("soft", "hard")
 KD_REDUCTIONS = ("numel", "batchmean")
 
 
@@ -57,7 +60,8 @@ def deit_loss(cls_logits: jax.Array, dist_logits: jax.Array | None, targets: jax
       dist_logits: ``[batch, classes]`` from the dist head; may be None for 'none'.
       targets: ``[batch, classes]`` probability rows (label smoothing / mixup folded in).
       teacher_logits: ``[batch, classes]``; None for 'none'.
-      distillation: 'none' (base only; a dist head is then untrained), 'soft' or 'hard'.
+      distillation: 'none' (base only; a dist head is then untrained), 'soft', 'hard', or
+        'cls2' (the second head against ``targets`` too, weight alpha; no teacher).
       alpha: weight of the kd term.
       tau: distillation temperature (soft only).
       kd_reduction: 'numel' (official) or 'batchmean' (soft only).
@@ -69,6 +73,11 @@ def deit_loss(cls_logits: jax.Array, dist_logits: jax.Array | None, targets: jax
     base = soft_target_cross_entropy(cls_logits, targets)
     if distillation == "none":
         return base
+    if distillation == "cls2":
+        if dist_logits is None:
+            raise ValueError("distillation='cls2' needs a model with a second token "
+                             "(a *_distilled_* name)")
+        return (1.0 - alpha) * base + alpha * soft_target_cross_entropy(dist_logits, targets)
     if dist_logits is None or teacher_logits is None:
         raise ValueError(f"distillation={distillation!r} needs dist_logits (a distilled model) "
                          "and teacher_logits")

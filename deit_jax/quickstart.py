@@ -4,7 +4,9 @@
 
 Both stages are ordinary runs of ``train.train_and_evaluate`` with ``configs/quickstart.py``
 (``:teacher`` then ``:student`` with the teacher's workdir as ``teacher_init``), so they
-resume like any run. Ends with a table of top-1 accuracies.
+resume like any run. Ends with a table of top-1 accuracies, the student's agreement with its
+teacher and the cosine between its cls and dist token embeddings after the first and the last
+block (``deit_jax.analyze``, whose JSON and plots go to ``WORKDIR/analysis``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def run(workdir: str, teacher_epochs: float = 0.0, student_epochs: float = 0.0) 
 
     tf.config.set_visible_devices([], "GPU")
     from configs import quickstart
-    from deit_jax import train
+    from deit_jax import analyze, train
 
     train.quiet_library_logs()
 
@@ -41,15 +43,19 @@ def run(workdir: str, teacher_epochs: float = 0.0, student_epochs: float = 0.0) 
     student_config.unlock()
     student_config.distillation.teacher_init = teacher_dir
     student_config.lock()
-    student = train.train_and_evaluate(student_config, os.path.join(workdir, "student"))
+    student_dir = os.path.join(workdir, "student")
+    student = train.train_and_evaluate(student_config, student_dir)
     t2 = time.time()
-    return {"teacher": teacher, "student": student, "teacher_seconds": t1 - t0,
-            "student_seconds": t2 - t1}
+    figures = analyze.run(student_config, weights=student_dir, teacher_init=teacher_dir,
+                          out_dir=os.path.join(workdir, "analysis"))
+    return {"teacher": teacher, "student": student, "analysis": figures,
+            "teacher_seconds": t1 - t0, "student_seconds": t2 - t1,
+            "analysis_seconds": time.time() - t2}
 
 
 def format_table(results: dict) -> str:
     teacher, student = results["teacher"], results["student"]
-    rows = [("teacher: RegNetY-200MF (CNN)", teacher["eval/top1_cls"],
+    rows = [("teacher: RegNetY, 3 stages (CNN)", teacher["eval/top1_cls"],
              teacher.get("eval_ema/top1_cls")),
             ("student DeiT, cls head", student["eval/top1_cls"], student.get("eval_ema/top1_cls")),
             ("student DeiT, dist head", student["eval/top1_dist"],
@@ -63,8 +69,24 @@ def format_table(results: dict) -> str:
     for name, top1, ema in rows:
         ema_s = (f" {ema:9.2f} |" if ema is not None else " " * 10 + " |") if with_ema else ""
         lines.append(f"| {name:<34} | {top1:5.2f} |{ema_s}")
+    figures = results.get("analysis")
+    if figures:
+        cos = figures["cls_dist_cosine"]
+        agree = figures["agreement_with_teacher"]["fused"]
+        last = len(cos["mean"]) - 1
+        lines += ["",
+                  "The dist token (paper: learned tokens cos 0.06, last layer 0.93)",
+                  f"| {'figure':<48} | value |",
+                  f"|{'-' * 50}|-------|",
+                  f"| {'cos(cls, dist) of the learned tokens':<48} | "
+                  f"{figures['learned_token_cosine']:5.2f} |",
+                  f"| {'cos(cls, dist) embeddings after block 1':<48} | {cos['mean'][1]:5.2f} |",
+                  f"| {f'cos(cls, dist) embeddings after block {last} (last)':<48} | "
+                  f"{cos['mean'][-1]:5.2f} |",
+                  f"| {'student (fused) agrees with the teacher, %':<48} | {agree:5.2f} |"]
     lines.append(f"teacher {results['teacher_seconds']:.0f}s, student "
-                 f"{results['student_seconds']:.0f}s")
+                 f"{results['student_seconds']:.0f}s, analysis "
+                 f"{results.get('analysis_seconds', 0):.0f}s")
     return "\n".join(lines)
 
 

@@ -163,7 +163,7 @@ def train_step(state: TrainState, batch: dict, teacher_vars: Any, *, model: nn.M
             mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, switch_prob=m.switch_prob,
             mix_prob=m.prob, label_smoothing=m.label_smoothing)
         teacher_logits = None
-        if dist.kind != "none":
+        if dist.kind in losses.TEACHER_KINDS:
             teacher_logits = _teacher_targets(micro, images, lam, teacher, teacher_vars, config)
         variables = {"params": params}
         rngs = {"drop_path": jax.random.fold_in(key, 1)}

@@ -107,6 +107,8 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
     if not steps.is_distilled(student):
         raise ValueError(f"distillation.kind={dist.kind!r} needs a distilled student (one with a "
                          f"dist token); {config.model.name} has none: use the *_distilled_* name")
+    if dist.kind not in losses.TEACHER_KINDS:
+        return Teacher()  # 'cls2': the second token learns the labels, there is no teacher
     if dist.teacher.startswith("precomputed:"):
         if num_examples is None:
             raise ValueError("a precomputed teacher is checked against the training split: "

@@ -83,6 +83,11 @@ class Attention(nn.Module):
         # Scale head_dim**-0.5 (the default). None = XLA's implementation (any backend);
         # 'cudnn' = cuDNN flash attention on NVIDIA GPUs. Softmax runs in float32 either way.
         out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        if self.is_mutable_collection("intermediates"):
+            # Analysis only (deit_jax.analyze): the attention weights [batch, heads, n, n], which
+            # the fused kernel never materialises. Recomputed here, so outputs are unchanged.
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
+            self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
         return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
 
 
@@ -168,9 +173,13 @@ class VisionTransformer(nn.Module):
         pos_embed = self.param("pos_embed", _init_02, (1, x.shape[1], d))
         x = x + pos_embed.astype(x.dtype)
 
+        # With mutable=['intermediates'] (deit_jax.analyze), 'tokens' collects the embeddings
+        # [batch, tokens, dim] entering the first block and leaving each block (depth + 1).
+        self.sow("intermediates", "tokens", x)
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
             x = Block(self.num_heads, self.mlp_ratio, rate, self.dtype, self.attention_impl,
                       name=f"blocks_{i}")(x, train)
+            self.sow("intermediates", "tokens", x)
         x = _layer_norm(self.dtype, "norm")(x)
 
         # Logits in float32 so losses and softmax never run in bfloat16.

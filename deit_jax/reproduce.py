@@ -1,0 +1,219 @@
+"""The study of the paper's claims 1-6 at 2-core scale, offline on Fashion-MNIST.
+
+    python -m deit_jax.reproduce --workdir=workdirs/study              # the grid, ~1 h
+    python -m deit_jax.reproduce --workdir=workdirs/study --cell=hard --seeds=1   # minutes
+
+Trains the two teachers of ``configs/study.py`` (a RegNetY convnet and a DeiT, on the same
+training subset), then for each cell (none / soft / hard / hard_deit / cls2) and seed a
+student, and analyses every student with ``deit_jax.analyze`` against the convnet teacher
+(top-1 per head, agreement, cls/dist cosine per layer). Every run is an ordinary resumable
+training run in ``WORKDIR/<name>``, so an interrupted study continues where it stopped. Writes
+``WORKDIR/results.jsonl`` (one row per run), ``WORKDIR/table.md`` (mean +- std per cell) and
+``WORKDIR/study.png``; prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from configs import study  # noqa: E402
+
+# What each cell needs before it can run.
+TEACHER_OF = {"soft": "teacher_cnn", "hard": "teacher_cnn", "hard_deit": "teacher_deit"}
+# Columns of the table: (row key, header).
+COLUMNS = (("top1_cls", "cls"), ("top1_dist", "dist"), ("top1_fused", "fused"),
+           ("agree_cnn", "agree w/ CNN"), ("cos_first", "cos blk1"), ("cos_last", "cos last"),
+           ("cos_tokens", "cos tokens"))
+
+
+def _config(arg: str, overrides: dict | None = None):
+    config = study.get_config(arg)
+    if overrides:
+        config.unlock()
+        config.update_from_flattened_dict(overrides)
+        config.lock()
+    return config
+
+
+def run_teacher(workdir: str, role: str, *, train_size: int, epochs: float = 0.0,
+                smoke: bool = False) -> dict:
+    """Trains (or resumes / finds finished) one teacher; returns its row."""
+    from deit_jax import train
+
+    arg = f"role={role},train_size={train_size},epochs={epochs}" + (",smoke" if smoke else "")
+    t0 = time.time()
+    results = train.train_and_evaluate(_config(arg), os.path.join(workdir, role))
+    return {"run": role, "cell": role, "seed": 0, "top1_cls": results["eval/top1_cls"],
+            "seconds": time.time() - t0}
+
+
+def run_student(workdir: str, cell: str, seed: int, *, train_size: int, epochs: float = 0.0,
+                smoke: bool = False) -> dict:
+    """Trains one student of ``cell`` and analyses it; returns its row of figures."""
+    from deit_jax import analyze, train
+
+    arg = (f"cell={cell},seed={seed},train_size={train_size},epochs={epochs}"
+           + (",smoke" if smoke else ""))
+    teacher = TEACHER_OF.get(cell)
+    overrides = {"distillation.teacher_init": os.path.join(workdir, teacher)} if teacher else {}
+    config = _config(arg, overrides)
+    name = f"{cell}_seed{seed}"
+    t0 = time.time()
+    run_dir = os.path.join(workdir, name)
+    train.train_and_evaluate(config, run_dir)
+    seconds = time.time() - t0
+    cnn = os.path.join(workdir, "teacher_cnn")
+    if os.path.exists(os.path.join(cnn, "DONE")):
+        cnn_model = study.get_config("role=teacher_cnn").model.name
+        config = _config(arg, {**overrides, "distillation.teacher": cnn_model})
+    else:
+        cnn = ""  # no convnet teacher trained (a lone none/cls2 cell): no agreement figure
+    figures = analyze.run(config, weights=run_dir, teacher_init=cnn, num_maps=0)
+    row = {"run": name, "cell": cell, "seed": seed, "seconds": seconds}
+    for head, value in figures["top1"].items():
+        if head != "teacher":
+            row[f"top1_{head}"] = value
+    if "fused" in figures.get("agreement_with_teacher", {}):
+        row["agree_cnn"] = figures["agreement_with_teacher"]["fused"]
+    elif "cls" in figures.get("agreement_with_teacher", {}):
+        row["agree_cnn"] = figures["agreement_with_teacher"]["cls"]
+    if "cls_dist_cosine" in figures:
+        mean = figures["cls_dist_cosine"]["mean"]
+        row.update(cos_first=mean[1], cos_last=mean[-1], cos_tokens=figures[
+            "learned_token_cosine"], cos_layers=mean)
+    return row
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """{cell: {column: (mean, std over seeds, n)}} of the rows (std with ddof=0 for n=1)."""
+    out: dict[str, dict] = {}
+    for cell in dict.fromkeys(r["cell"] for r in rows):
+        cell_rows = [r for r in rows if r["cell"] == cell]
+        out[cell] = {}
+        for key, _ in (("top1_cls", ""),) + COLUMNS:
+            values = [r[key] for r in cell_rows if key in r]
+            if values:
+                out[cell][key] = (float(np.mean(values)), float(np.std(values, ddof=1) if
+                                  len(values) > 1 else 0.0), len(values))
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: one line per cell, mean +- std over its seeds (n = number of seeds)."""
+    summary = summarize(rows)
+    head = "| cell | n | " + " | ".join(h for _, h in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for cell, cols in summary.items():
+        n = max(v[2] for v in cols.values())
+        cells = []
+        for key, _ in COLUMNS:
+            if key not in cols:
+                cells.append("-")
+            elif key.startswith("cos"):
+                cells.append(f"{cols[key][0]:.3f} ± {cols[key][1]:.3f}")
+            else:
+                cells.append(f"{cols[key][0]:.2f} ± {cols[key][1]:.2f}")
+        lines.append(f"| {cell} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_plot(rows: list[dict], path: str) -> str:
+    """Top-1 per cell and head (mean, std bars) and the cls/dist cosine per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = summarize(rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    cells = list(summary)
+    for j, (key, label) in enumerate(COLUMNS[:3]):
+        means = [summary[c].get(key, (np.nan,))[0] for c in cells]
+        stds = [summary[c].get(key, (0, 0))[1] for c in cells]
+        ax1.bar(np.arange(len(cells)) + 0.27 * (j - 1), means, 0.27, yerr=stds, label=label,
+                capsize=2)
+    ax1.set_xticks(np.arange(len(cells)), cells, rotation=20)
+    finite = [summary[c][k][0] for c in cells for k, _ in COLUMNS[:3] if k in summary[c]]
+    if finite:
+        ax1.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 2))
+    ax1.set_ylabel("test top-1 (%)")
+    ax1.legend(fontsize=8)
+    for cell in cells:
+        layers = [r["cos_layers"] for r in rows if r["cell"] == cell and "cos_layers" in r]
+        if layers:
+            ax2.plot(np.mean(layers, axis=0), marker="o", label=cell)
+    ax2.set_xlabel("layer (0 = input)")
+    ax2.set_ylabel("cosine(cls, dist)")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run(workdir: str, *, cells: tuple[str, ...] = study.CELLS, seeds: int = 3,
+        train_size: int = 6000, student_epochs: float = 0.0, teacher_epochs: float = 0.0,
+        smoke: bool = False) -> list[dict]:
+    """Runs the teachers the ``cells`` need, then every cell x seed; writes the outputs."""
+    from deit_jax import train
+
+    unknown = sorted(set(cells) - set(study.CELLS))
+    if unknown:
+        raise ValueError(f"unknown cell(s) {unknown}; valid: {', '.join(study.CELLS)}")
+    if seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    train.quiet_library_logs()
+    os.makedirs(workdir, exist_ok=True)
+    rows = []
+    for role in dict.fromkeys(TEACHER_OF[c] for c in cells if c in TEACHER_OF):
+        rows.append(run_teacher(workdir, role, train_size=train_size, epochs=teacher_epochs,
+                                smoke=smoke))
+    for cell in cells:
+        for seed in range(seeds):
+            rows.append(run_student(workdir, cell, seed, train_size=train_size,
+                                    epochs=student_epochs, smoke=smoke))
+    with open(os.path.join(workdir, "results.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    students = [r for r in rows if not r["cell"].startswith("teacher")]
+    table = format_table(students)
+    teachers = ", ".join(f"{r['cell']} {r['top1_cls']:.2f}" for r in rows
+                         if r["cell"].startswith("teacher"))
+    text = (f"Fashion-MNIST test top-1 (%), students on the first {train_size} training "
+            f"images, mean ± std over seeds\n" + (f"teachers: {teachers}\n" if teachers else "")
+            + table + "\n")
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(text)
+    write_plot(students, os.path.join(workdir, "study.png"))
+    return rows
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "workdirs/study", "Where every run of the study writes.")
+flags.DEFINE_string("cell", "all", f"'all' or comma-separated cells of {study.CELLS}.")
+flags.DEFINE_integer("seeds", 3, "Students per cell (seeds 0..N-1).")
+flags.DEFINE_integer("train_size", 6000, "Training images (the first N of the split).")
+flags.DEFINE_float("student_epochs", 0.0, "Override the students' epochs (0: configs/study.py).")
+flags.DEFINE_float("teacher_epochs", 0.0, "Override the teachers' epochs (0: configs/study.py).")
+
+
+def main(argv):
+    del argv
+    cells = study.CELLS if FLAGS.cell == "all" else tuple(FLAGS.cell.split(","))
+    rows = run(FLAGS.workdir, cells=cells, seeds=FLAGS.seeds, train_size=FLAGS.train_size,
+               student_epochs=FLAGS.student_epochs, teacher_epochs=FLAGS.teacher_epochs)
+    del rows
+    with open(os.path.join(FLAGS.workdir, "table.md")) as f:
+        print(f.read(), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,77 @@
+"""The claims study: its configs, one real cell on a tiny budget, the table's arithmetic."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import study
+from deit_jax import reproduce
+
+
+def test_study_configs_per_cell():
+    assert study.get_config("cell=none").model.name == "deit_tiny_patch16_224"
+    soft = study.get_config("cell=soft")
+    assert (soft.distillation.kind, soft.distillation.tau, soft.distillation.alpha) == (
+        "soft", 3.0, 0.1)
+    deit = study.get_config("cell=hard_deit")
+    assert (deit.distillation.kind, deit.distillation.teacher) == ("hard",
+                                                                  "deit_fmnist_patch7_28")
+    assert study.get_config("cell=cls2").distillation.kind == "cls2"
+    teacher = study.get_config("role=teacher_deit")
+    assert teacher.model.name == "deit_fmnist_patch7_28" and teacher.model.embed_dim == 0
+    assert study.get_config("train_size=600").dataset.train_split == "train[:600]"
+    with pytest.raises(ValueError, match="cell must be one of"):
+        study.get_config("cell=bogus")
+
+
+def test_table_is_mean_and_std_over_seeds():
+    rows = [{"cell": "hard", "top1_cls": 80.0, "top1_dist": 82.0, "top1_fused": 81.0,
+             "cos_first": 0.1, "cos_last": 0.9, "cos_tokens": 0.0},
+            {"cell": "hard", "top1_cls": 84.0, "top1_dist": 84.0, "top1_fused": 85.0,
+             "cos_first": 0.3, "cos_last": 0.7, "cos_tokens": 0.2},
+            {"cell": "none", "top1_cls": 79.0, "agree_cnn": 88.5}]
+    summary = reproduce.summarize(rows)
+    mean, std, n = summary["hard"]["top1_fused"]
+    assert (mean, n) == (83.0, 2) and std == pytest.approx(np.std([81, 85], ddof=1))
+    table = reproduce.format_table(rows)
+    assert "| hard | 2 | 82.00 ± 2.83 | 83.00 ± 1.41 | 83.00 ± 2.83 | - | 0.200 ± 0.141 |" in table
+    assert "| none | 1 | 79.00 ± 0.00 | - | - | 88.50 ± 0.00 | - |" in table
+
+
+def test_one_cell_on_a_tiny_budget_writes_its_row(tmp_path):
+    workdir = str(tmp_path / "study")
+    rows = reproduce.run(workdir, cells=("cls2",), seeds=1, smoke=True, student_epochs=2.0)
+    assert [r["run"] for r in rows] == ["cls2_seed0"]
+    row = rows[0]
+    for key in ("top1_cls", "top1_dist", "top1_fused"):
+        assert 0.0 <= row[key] <= 100.0
+    assert -1.0 <= row["cos_last"] <= 1.0 and len(row["cos_layers"]) == 5  # input + 4 blocks
+    with open(os.path.join(workdir, "results.jsonl")) as f:
+        assert json.loads(f.readline())["run"] == "cls2_seed0"
+    table = open(os.path.join(workdir, "table.md")).read()
+    assert f"| cls2 | 1 | {row['top1_cls']:.2f} ± 0.00 |" in table
+    assert os.path.getsize(os.path.join(workdir, "study.png")) > 2000
+    assert os.path.exists(os.path.join(workdir, "cls2_seed0", "DONE"))
+
+
+def test_quickstart_teacher_is_regnety_002_without_its_last_stage():
+    import jax
+    import jax.numpy as jnp
+    import timm
+
+    from deit_jax import models
+
+    ref = timm.create_model("regnety_002", num_classes=10)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    # Stem and stages 1-3 as timm's (s4 dropped), the head on 152 channels instead of 368.
+    expected = count(ref) - count(ref.s4) - count(ref.head.fc) + 152 * 10 + 10
+    model = models.create_model("regnety_002_3stage", num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)), train=False)
+    assert sum(x.size for x in jax.tree.leaves(variables["params"])) == expected
+    assert model.apply(variables, jnp.ones((2, 28, 28, 3)), train=False).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown override"):
+        models.create_model("regnety_002_3stage", img_size=28)
