@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import errno
 import json
+import sys
 import time
 import zlib
 from typing import Any
@@ -154,6 +155,26 @@ def _mismatch(manager: ocp.CheckpointManager, step: int, target: Any) -> str | N
     return f"{len(shapes)} arrays saved, this config's state has {len(wanted)} or other shapes"
 
 
+def _ignore_late_reads() -> None:
+    """Silences the reads of a failed restore that finish after Orbax closed its event loop.
+
+    When one TensorStore read fails, Orbax's ``asyncio.run`` ends while other reads are in
+    flight; each then reports ``RuntimeError('Event loop is closed')`` through
+    ``sys.unraisablehook``, dozens of tracebacks burying the one line that matters.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "deit_jax", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.deit_jax = True
+    sys.unraisablehook = hook
+
+
 def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
     """Restores ``(state, meta)`` at ``step`` into the structure of ``target`` (host arrays).
 
@@ -165,6 +186,7 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(target)), meta=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - classified below
+        _ignore_late_reads()
         if (why := _mismatch(manager, step, target)) is not None:
             raise CheckpointError(
                 f"checkpoint step {step} in {manager.directory} does not fit this config "
@@ -172,6 +194,11 @@ def restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any
                 "--workdir") from e
         raise DamagedCheckpoint(step, f"cannot be read ({_short(e)})") from e
     state, meta = restored["state"], restored["meta"]
+    shapes = [np.shape(x) for x in jax.tree.leaves(state)]
+    if shapes != [np.shape(x) for x in jax.tree.leaves(target)]:  # Orbax keeps saved shapes
+        raise CheckpointError(
+            f"checkpoint step {step} in {manager.directory} does not fit this config (other "
+            "array shapes): it was written by another model; use another --workdir")
     expected = (meta or {}).get("checksums")
     if expected is not None:
         actual = checksums(jax.tree.map(np.asarray, state))

@@ -13,14 +13,18 @@ import sys
 
 
 def _sigterm_before_training(signum, frame):
-    # Until the training loop installs its own handler (which saves first), nothing is unsaved.
+    # Until the training loop installs its own handler (which saves first), nothing is unsaved
+    # and nothing is half-written (a damaged checkpoint is set aside by an atomic rename).
+    # os._exit, not SystemExit: the handler may run inside a gc callback, which swallows
+    # exceptions, and the workdir lock goes with the process.
     print("SIGTERM before training started: nothing to save, exiting (status 0)",
           file=sys.stderr, flush=True)
-    raise SystemExit(0)
+    sys.stdout.flush()
+    os._exit(0)
 
 
-# First, so that a preemption during the slow imports below exits 0 as well.
-signal.signal(signal.SIGTERM, _sigterm_before_training)
+if __name__ == "__main__":  # first, so that a SIGTERM during the slow imports exits 0 as well
+    signal.signal(signal.SIGTERM, _sigterm_before_training)
 
 # tf.data runs on the host only; keep TensorFlow off the accelerators JAX uses.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
