@@ -296,3 +296,10 @@ def test_sigterm_during_imports_exits_0_with_a_message(tmp_path):
         _, stderr = proc.communicate()
         pytest.fail(stderr[-3000:])
     assert proc.returncode == 0 and "SIGTERM before training started" in stderr
+
+
+def test_fault_injection_script_short_version(tmp_path):
+    """CI's short run of benchmarks/fault_injection.py: one kill -9 trial, one flipped bit."""
+    totals = fault_injection.main(["--trials=1", "--damages=one flipped bit", "--no-nan",
+                                   f"--workdir={tmp_path}", "--seed=3"])
+    assert totals == {"trials": 2, "resumed": 2, "identical": 2, "lost": 0}
