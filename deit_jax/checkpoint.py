@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import errno
 import json
+import re
 import sys
 import time
 import zlib
@@ -103,6 +104,10 @@ def _write_error(error: BaseException, step: int, directory) -> CheckpointError 
                               if t in str(c).lower()), None)
     if why is None:
         return None
+    # An asynchronous save fails at the next save or wait: name the step that failed.
+    failed = next((m.group(1) for c in chain if (m := re.search(
+        r"(\d+)\.orbax-checkpoint-tmp", str(c)))), None)
+    step = int(failed) if failed else step
     return CheckpointError(f"cannot write checkpoint step {step} in {directory}: {why}. The "
                            "earlier checkpoints are kept; free space (or fix the permissions) "
                            "and rerun the same command to resume from the latest of them")
@@ -131,7 +136,7 @@ def wait(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - user-fixable failures become one line
-        if (error := _write_error(e, -1, manager.directory)) is None:
+        if (error := _write_error(e, manager.latest_step(), manager.directory)) is None:
             raise
         raise error from e
 
@@ -156,9 +161,9 @@ def _mismatch(manager: ocp.CheckpointManager, step: int, target: Any) -> str | N
 
 
 def _ignore_late_reads() -> None:
-    """Silences the reads of a failed restore that finish after Orbax closed its event loop.
+    """Silences the reads/writes of a failed restore/save that end after Orbax's event loop.
 
-    When one TensorStore read fails, Orbax's ``asyncio.run`` ends while other reads are in
+    When one TensorStore read or write fails, Orbax's ``asyncio.run`` ends while others are in
     flight; each then reports ``RuntimeError('Event loop is closed')`` through
     ``sys.unraisablehook``, dozens of tracebacks burying the one line that matters.
     """
@@ -223,6 +228,7 @@ class RunCheckpoints:
         self.manager = create_manager(workdir, max_to_keep=max_to_keep,
                                       enable_async=enable_async)
         self.on_damage = on_damage
+        _ignore_late_reads()
         self.held: tuple[int, Any, dict] | None = None
 
     @property

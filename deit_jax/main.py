@@ -95,7 +95,7 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     from deit_jax import train
 
-    train.quiet_library_logs()
+    train.quiet_library_logs(tracebacks=errors.debug_enabled())
     logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)

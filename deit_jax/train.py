@@ -28,13 +28,23 @@ from deit_jax.workdir import WorkdirLock, check_writable
 DIVERGENCE_FACTOR = 4.0
 
 
-def quiet_library_logs() -> None:
-    """Drops INFO chatter of Orbax/TFDS internals (lines per file written) from the absl log."""
+def quiet_library_logs(tracebacks: bool = False) -> None:
+    """Drops INFO chatter of Orbax/TFDS internals (lines per file written) from the absl log.
+
+    Orbax also logs each failure of a background save with its traceback (a full disk gives
+    four); the run's own one-line error says it, so those keep their first line only, unless
+    ``tracebacks`` (``--debug``).
+    """
 
     class _Filter:
         def filter(self, record) -> bool:
-            return record.levelno >= 30 or not any(
-                part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+            library = any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+            if library and record.exc_info and not tracebacks:
+                error = record.exc_info[1]
+                record.msg = f"{record.getMessage()}: {type(error).__name__}: " + " ".join(
+                    str(error).split())[:300]
+                record.args, record.exc_info, record.exc_text = None, None, None
+            return record.levelno >= 30 or not library
 
     logging.get_absl_handler().addFilter(_Filter())
 
@@ -104,7 +114,7 @@ def adapt_pretrained(pretrained: dict, target: dict, model: nn.Module) -> dict:
     extra = sorted("/".join(k) for k in set(flat_src) - set(flat_dst))
     if missing or extra:
         raise ConfigError(f"init_from does not fit {type(model).__name__}: missing {missing}, "
-                         f"unexpected {extra}")
+                          f"unexpected {extra}")
     out = {}
     for key, dst in flat_dst.items():
         src = np.asarray(flat_src[key])
@@ -117,7 +127,7 @@ def adapt_pretrained(pretrained: dict, target: dict, model: nn.Module) -> dict:
                 src = np.asarray(dst)
             if src.shape != dst.shape:
                 raise ConfigError(f"init_from: {'/'.join(key)} has shape {src.shape}, the model "
-                                 f"needs {dst.shape}")
+                                  f"needs {dst.shape}")
         out[key] = src.astype(np.asarray(dst).dtype)
     return flax.traverse_util.unflatten_dict(out)
 
@@ -136,19 +146,19 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
         return Teacher()
     if not steps.is_distilled(student):
         raise ConfigError(f"distillation.kind={dist.kind!r} needs a distilled student (one with a "
-                         f"dist token); {config.model.name} has none: use the *_distilled_* name")
+                          f"dist token); {config.model.name} has none: use the *_distilled_* name")
     if dist.teacher.startswith("precomputed:"):
         if num_examples is None:
             raise ConfigError("a precomputed teacher is checked against the training split: "
-                             "pass build_teacher(..., num_examples=train_source.num_examples)")
+                              "pass build_teacher(..., num_examples=train_source.num_examples)")
         store = teacher_logits.open_for_training(config, num_classes=num_classes,
                                                  num_examples=num_examples,
                                                  image_size=image_size)
         return Teacher(precomputed=True, store=store)
     if not dist.teacher_init:
         raise ConfigError(f"distillation.kind={dist.kind!r} needs a teacher checkpoint: set "
-                         "--config.distillation.teacher_init=DIR (a converted checkpoint or a "
-                         "teacher's workdir)")
+                          "--config.distillation.teacher_init=DIR (a converted checkpoint or a "
+                          "teacher's workdir)")
     overrides = dict(num_classes=num_classes, dtype=jnp.dtype(dist.teacher_dtype))
     if models.is_deit(dist.teacher):
         # A DeiT teacher (the paper's Table 2) sees the student's input at its resolution; a
@@ -175,12 +185,12 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
               and k[-1] == "kernel"}
     if widths and widths != {num_classes}:
         raise ConfigError(f"teacher {dist.teacher} from {dist.teacher_init} predicts "
-                         f"{sorted(widths)[0]} classes, the student {num_classes}")
+                          f"{sorted(widths)[0]} classes, the student {num_classes}")
     bad = sorted("/".join(k) for k in set(flat_t) ^ set(flat_v)) + sorted(
         "/".join(k) for k in set(flat_t) & set(flat_v) if flat_t[k].shape != flat_v[k].shape)
     if bad:
         raise ConfigError(f"teacher checkpoint {dist.teacher_init} does not fit {dist.teacher}: "
-                         f"{bad[:10]}")
+                          f"{bad[:10]}")
     return Teacher(model, variables)
 
 
@@ -247,7 +257,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     input_pipeline.Layout.current(config.eval_batch_size)  # divisibility check
     if config.optim.grad_accum_steps < 1 or layout.per_device % config.optim.grad_accum_steps:
         raise ConfigError(f"per-device batch {layout.per_device} is not divisible by "
-                         f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
+                          f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
     probe = models.create_model(config.model.name, **steps.model_overrides(config, 1))
     image_size = steps.image_size_of(probe, config)
     train_source = input_pipeline.get_source(config, "train", image_size)
@@ -255,7 +265,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     num_classes = train_source.num_classes
     if config.dataset.num_classes and config.dataset.num_classes != num_classes:
         raise ConfigError(f"config.dataset.num_classes={config.dataset.num_classes} but "
-                         f"{train_source.name} has {num_classes} classes")
+                          f"{train_source.name} has {num_classes} classes")
     extra_eval = input_pipeline.get_extra_eval_sources(config, num_classes)
     model = models.create_model(config.model.name, **steps.model_overrides(config, num_classes))
     teacher = build_teacher(config, model, num_classes, image_size,
@@ -264,7 +274,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     steps_per_epoch = input_pipeline.steps_per_epoch(train_source.num_examples, config.batch_size)
     if steps_per_epoch == 0:
         raise ConfigError(f"{train_source.num_examples} training examples hold no full batch of "
-                         f"{config.batch_size}")
+                          f"{config.batch_size}")
     total_steps = math.ceil(config.num_epochs * steps_per_epoch)
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
@@ -425,8 +435,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
             results = run_eval(state_r)
         ckpts.wait()
     finally:
+        _finish_saves(ckpts)  # before the SIGTERM handler goes: a signal must not cut them
         preemption.close()
-        _finish_saves(ckpts)
     if jax.process_index() == 0:
         (checkpoint.epath.Path(workdir) / "DONE").write_text(str(total_steps))
     writer.flush()
