@@ -72,6 +72,7 @@ class WorkdirLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
+        logging.info("locked %s (pid %d)", path, os.getpid())
         return self
 
     def release(self) -> None:
