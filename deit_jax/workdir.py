@@ -57,7 +57,11 @@ class WorkdirLock:
                             "run writes it", self.workdir)
             return self
         path = os.path.join(self.workdir, LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        low = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Kept on a high descriptor number: a library closing a stale low number (one reused
+        # for this file) would otherwise drop the lock without a word.
+        fd = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, 512)
+        os.close(low)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
