@@ -151,6 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_epochs = 10.0
     c.checkpoint_every_steps = 5000
     c.keep_checkpoints = 3
+    # A newest checkpoint that does not restore (incomplete, truncated, checksum mismatch):
+    # 'fallback' sets it aside as checkpoints/<step>.damaged-<time> and resumes from the newest
+    # one that restores; 'stop' ends the run naming it.
+    c.checkpoint_on_damage = "fallback"
     c.init_from = ""  # a converted checkpoint or an earlier run's workdir
     c.eval_only = False
     return c

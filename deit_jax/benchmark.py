@@ -380,4 +380,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from deit_jax.errors import exit_on_user_error
+
+    exit_on_user_error(main)(sys.argv[1:])

@@ -373,4 +373,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from deit_jax.errors import exit_on_user_error
+
+    exit_on_user_error(main)()

@@ -24,6 +24,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from deit_jax.errors import UserError
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # torchvision's IMG_EXTENSIONS: ImageFolder keeps exactly these files (case-insensitive).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -31,7 +33,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 PIL_ONLY_EXTENSIONS = (".ppm", ".pgm", ".tif", ".tiff")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data set is missing, empty or malformed; raised before training starts."""
 
 

@@ -97,4 +97,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from deit_jax.errors import exit_on_user_error
+
+    app.run(exit_on_user_error(main))

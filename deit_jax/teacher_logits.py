@@ -596,5 +596,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from deit_jax.errors import exit_on_user_error
+
     define_flags()
-    app.run(main)
+    app.run(exit_on_user_error(main))

@@ -20,21 +20,61 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 
 from deit_jax import checkpoint, input_pipeline, losses, models, optim, steps, teacher_logits
+from deit_jax.errors import ConfigError, DivergedError, MissingPathError
 from deit_jax.steps import AXIS, Teacher
+from deit_jax.workdir import WorkdirLock, check_writable
+
+# A logged loss this many times its running value (and 1 nat above it) is a divergence: warned.
+DIVERGENCE_FACTOR = 4.0
 
 
-def quiet_library_logs() -> None:
-    """Drops INFO chatter of Orbax/TFDS internals (lines per file written) from the absl log."""
+def quiet_library_logs(tracebacks: bool = False) -> None:
+    """Drops INFO chatter of Orbax/TFDS internals (lines per file written) from the absl log.
+
+    Orbax also logs each failure of a background save with its traceback (a full disk gives
+    four); the run's own one-line error says it, so those keep their first line only, unless
+    ``tracebacks`` (``--debug``).
+    """
 
     class _Filter:
         def filter(self, record) -> bool:
-            return record.levelno >= 30 or not any(
-                part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+            library = any(part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+            if library and record.exc_info and not tracebacks:
+                error = record.exc_info[1]
+                record.msg = f"{record.getMessage()}: {type(error).__name__}: " + " ".join(
+                    str(error).split())[:300]
+                record.args, record.exc_info, record.exc_text = None, None, None
+            return record.levelno >= 30 or not library
 
     logging.get_absl_handler().addFilter(_Filter())
 
 
 # ------------------------------------------------------------------------------ setup checks
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Values that cannot work, named with the fix, before anything is built or written."""
+    devices = jax.device_count()
+    for name in ("batch_size", "eval_batch_size"):
+        value = config[name]
+        fit = max(devices, value // devices * devices)
+        if value <= 0:
+            raise ConfigError(f"{name}={value} must be positive (a multiple of the device "
+                              f"count, {devices}): e.g. --config.{name}={fit}")
+        if value % devices:
+            raise ConfigError(f"{name}={value} is not divisible by the device count "
+                              f"({devices}): e.g. --config.{name}={fit}")
+    for name in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[name] < 1:
+            raise ConfigError(f"{name}={config[name]} must be at least 1")
+    if config.max_steps < 0 or config.num_epochs <= 0:
+        raise ConfigError(f"num_epochs={config.num_epochs} must be > 0 and max_steps="
+                          f"{config.max_steps} >= 0 (0 = no limit)")
+    if config.checkpoint_on_damage not in checkpoint.ON_DAMAGE:
+        raise ConfigError(f"checkpoint_on_damage={config.checkpoint_on_damage!r} must be one of "
+                          f"{checkpoint.ON_DAMAGE}")
+    if not config.optim.lr > 0:
+        raise ConfigError(f"optim.lr={config.optim.lr} must be > 0")
 
 
 def load_pretrained(path: str) -> dict:
@@ -44,7 +84,7 @@ def load_pretrained(path: str) -> dict:
     manager = checkpoint.create_manager(path, max_to_keep=1000, enable_async=False) if (
         checkpoint.has_run_checkpoints(path)) else None
     if manager is None:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{path!r} is neither a converted checkpoint (python -m deit_jax.convert ... "
             "--out DIR) nor a training workdir with checkpoints")
     state = checkpoint.restore_raw(manager, manager.latest_step())
@@ -73,8 +113,8 @@ def adapt_pretrained(pretrained: dict, target: dict, model: nn.Module) -> dict:
     missing = sorted("/".join(k) for k in set(flat_dst) - set(flat_src))
     extra = sorted("/".join(k) for k in set(flat_src) - set(flat_dst))
     if missing or extra:
-        raise ValueError(f"init_from does not fit {type(model).__name__}: missing {missing}, "
-                         f"unexpected {extra}")
+        raise ConfigError(f"init_from does not fit {type(model).__name__}: missing {missing}, "
+                          f"unexpected {extra}")
     out = {}
     for key, dst in flat_dst.items():
         src = np.asarray(flat_src[key])
@@ -86,8 +126,8 @@ def adapt_pretrained(pretrained: dict, target: dict, model: nn.Module) -> dict:
                              src.shape[-1], dst.shape[-1])
                 src = np.asarray(dst)
             if src.shape != dst.shape:
-                raise ValueError(f"init_from: {'/'.join(key)} has shape {src.shape}, the model "
-                                 f"needs {dst.shape}")
+                raise ConfigError(f"init_from: {'/'.join(key)} has shape {src.shape}, the model "
+                                  f"needs {dst.shape}")
         out[key] = src.astype(np.asarray(dst).dtype)
     return flax.traverse_util.unflatten_dict(out)
 
@@ -101,26 +141,26 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
     """
     dist = config.distillation
     if dist.kind not in losses.DISTILLATION_KINDS:
-        raise ValueError(f"distillation.kind must be one of {losses.DISTILLATION_KINDS}")
+        raise ConfigError(f"distillation.kind must be one of {losses.DISTILLATION_KINDS}")
     if dist.kind == "none":
         return Teacher()
     if not steps.is_distilled(student):
-        raise ValueError(f"distillation.kind={dist.kind!r} needs a distilled student (one with a "
-                         f"dist token); {config.model.name} has none: use the *_distilled_* name")
+        raise ConfigError(f"distillation.kind={dist.kind!r} needs a distilled student (one with a "
+                          f"dist token); {config.model.name} has none: use the *_distilled_* name")
     if dist.kind not in losses.TEACHER_KINDS:
         return Teacher()  # 'cls2': the second token learns the labels, there is no teacher
     if dist.teacher.startswith("precomputed:"):
         if num_examples is None:
-            raise ValueError("a precomputed teacher is checked against the training split: "
-                             "pass build_teacher(..., num_examples=train_source.num_examples)")
+            raise ConfigError("a precomputed teacher is checked against the training split: "
+                              "pass build_teacher(..., num_examples=train_source.num_examples)")
         store = teacher_logits.open_for_training(config, num_classes=num_classes,
                                                  num_examples=num_examples,
                                                  image_size=image_size)
         return Teacher(precomputed=True, store=store)
     if not dist.teacher_init:
-        raise ValueError(f"distillation.kind={dist.kind!r} needs a teacher checkpoint: set "
-                         "--config.distillation.teacher_init=DIR (a converted checkpoint or a "
-                         "teacher's workdir)")
+        raise ConfigError(f"distillation.kind={dist.kind!r} needs a teacher checkpoint: set "
+                          "--config.distillation.teacher_init=DIR (a converted checkpoint or a "
+                          "teacher's workdir)")
     overrides = dict(num_classes=num_classes, dtype=jnp.dtype(dist.teacher_dtype))
     if models.is_deit(dist.teacher):
         # A DeiT teacher (the paper's Table 2) sees the student's input at its resolution; a
@@ -146,13 +186,13 @@ def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_cla
     widths = {v.shape[-1] for k, v in flat_v.items() if k[1].startswith("head")
               and k[-1] == "kernel"}
     if widths and widths != {num_classes}:
-        raise ValueError(f"teacher {dist.teacher} from {dist.teacher_init} predicts "
-                         f"{sorted(widths)[0]} classes, the student {num_classes}")
+        raise ConfigError(f"teacher {dist.teacher} from {dist.teacher_init} predicts "
+                          f"{sorted(widths)[0]} classes, the student {num_classes}")
     bad = sorted("/".join(k) for k in set(flat_t) ^ set(flat_v)) + sorted(
         "/".join(k) for k in set(flat_t) & set(flat_v) if flat_t[k].shape != flat_v[k].shape)
     if bad:
-        raise ValueError(f"teacher checkpoint {dist.teacher_init} does not fit {dist.teacher}: "
-                         f"{bad[:10]}")
+        raise ConfigError(f"teacher checkpoint {dist.teacher_init} does not fit {dist.teacher}: "
+                          f"{bad[:10]}")
     return Teacher(model, variables)
 
 
@@ -198,21 +238,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     compiling, step (``train/images_per_sec``; evaluation time excluded).
 
     Every check on the config, the data, the teacher and ``init_from`` runs before the first
-    step is compiled. Resumes from the latest checkpoint in ``workdir``.
+    step is compiled. Resumes from the newest checkpoint in ``workdir`` that restores
+    (``checkpoint_on_damage`` says what happens to a damaged one). Process 0 holds
+    ``workdir``'s lock for the call: a second run on it is refused.
     """
+    check_config(config)
+    lock = None
+    if jax.process_index() == 0:  # multi-host: every process shares the workdir, one locks it
+        check_writable(workdir)
+        lock = WorkdirLock(workdir).acquire()
+    try:
+        return _train_and_evaluate(config, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     layout = input_pipeline.Layout.current(config.batch_size)
     input_pipeline.Layout.current(config.eval_batch_size)  # divisibility check
     if config.optim.grad_accum_steps < 1 or layout.per_device % config.optim.grad_accum_steps:
-        raise ValueError(f"per-device batch {layout.per_device} is not divisible by "
-                         f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
+        raise ConfigError(f"per-device batch {layout.per_device} is not divisible by "
+                          f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
     probe = models.create_model(config.model.name, **steps.model_overrides(config, 1))
     image_size = steps.image_size_of(probe, config)
     train_source = input_pipeline.get_source(config, "train", image_size)
     eval_source = input_pipeline.get_source(config, "eval", image_size)
     num_classes = train_source.num_classes
     if config.dataset.num_classes and config.dataset.num_classes != num_classes:
-        raise ValueError(f"config.dataset.num_classes={config.dataset.num_classes} but "
-                         f"{train_source.name} has {num_classes} classes")
+        raise ConfigError(f"config.dataset.num_classes={config.dataset.num_classes} but "
+                          f"{train_source.name} has {num_classes} classes")
     extra_eval = input_pipeline.get_extra_eval_sources(config, num_classes)
     model = models.create_model(config.model.name, **steps.model_overrides(config, num_classes))
     teacher = build_teacher(config, model, num_classes, image_size,
@@ -222,8 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_source.num_examples, config.batch_size, num_repeats=config.aug.repeated_aug,
         ra_multiple=config.aug.ra_multiple)
     if steps_per_epoch == 0:
-        raise ValueError(f"{train_source.num_examples} training examples hold no full batch of "
-                         f"{config.batch_size}")
+        raise ConfigError(f"{train_source.num_examples} training examples hold no full batch of "
+                          f"{config.batch_size}")
     total_steps = math.ceil(config.num_epochs * steps_per_epoch)
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
@@ -238,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               ema_params=jax.tree.map(np.copy, params) if config.ema.enabled
                               else {})
     elif config.eval_only:
-        raise ValueError("eval_only needs --config.init_from=DIR (a converted checkpoint)")
+        raise ConfigError("eval_only needs --config.init_from=DIR (a converted checkpoint)")
 
     p_eval_step = jax.pmap(functools.partial(steps.eval_step, model=model), axis_name=AXIS)
 
@@ -268,12 +323,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.flush()
         return results
 
-    manager = checkpoint.create_manager(workdir, max_to_keep=config.keep_checkpoints)
+    ckpts = checkpoint.RunCheckpoints(workdir, max_to_keep=config.keep_checkpoints,
+                                      on_damage=config.checkpoint_on_damage)
     start_step = 0
-    if manager.latest_step() is not None:
-        state, meta = checkpoint.restore(manager, manager.latest_step(), state)
+    if (restored := ckpts.restore_latest(state)) is not None:
+        state = restored[0]
         start_step = int(state.step)
-        logging.info("resumed from %s at step %d", manager.directory, start_step)
+        logging.info("resumed from %s at step %d", ckpts.directory, start_step)
     if start_step >= total_steps:
         logging.info("run already finished at step %d", start_step)
 
@@ -292,10 +348,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batches = teacher_logits.attach(batches, teacher.store)
     batches = jax_utils.prefetch_to_device(batches, 2)
 
-    def save(step):
-        checkpoint.save(manager, step, jax_utils.unreplicate(state_r),
-                        {"step": step, "epoch": step / steps_per_epoch,
-                         "model": config.model.name})
+    def hold(step):
+        """Host copy of the state after ``step``, saved once step ``step + 1``'s loss is finite."""
+        ckpts.hold(step, jax_utils.unreplicate(state_r),
+                   {"step": step, "epoch": step / steps_per_epoch, "model": config.model.name})
+
+    def check_loss(step, loss):
+        if not np.isfinite(loss):
+            raise DivergedError(f"non-finite loss {loss} at step {step}; "
+                                f"{ckpts.last_good_note()}")
 
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps)
@@ -306,67 +367,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_rate: list[float] = []  # images/s per logging interval after the compiling step
     t_interval = time.time()
 
+    running_loss = 0.0  # smoothed logged loss: a value far above it warns of divergence
+
     def flush_metrics(step):
         """The loop's only regular host sync: fetch the buffered step metrics, check them."""
-        nonlocal pending, t_interval
+        nonlocal pending, t_interval, running_loss
         if not pending:
             return
         host = jax.device_get([m for _, m in pending])
         for (s, _), m in zip(pending, host, strict=True):
-            if not np.isfinite(m["loss"][0]):
-                latest = manager.latest_step()
-                raise FloatingPointError(
-                    f"non-finite loss {m['loss'][0]} at step {s}; last good checkpoint: "
-                    f"{'none' if latest is None else f'step {latest}'} in {manager.directory}")
+            check_loss(s, m["loss"][0])
         elapsed = time.time() - t_interval
         summary = {k: float(np.mean([m[k][0] for m in host])) for k in host[0]}
         summary["images_per_sec"] = len(host) * config.batch_size / elapsed
         summary["undecodable_examples"] = train_iter.errors.count
         summary["epoch"] = step / steps_per_epoch
         writer.write_scalars(step, summary)
-        train_loss.append(summary["loss"])
+        loss = summary["loss"]
+        if train_loss and loss > DIVERGENCE_FACTOR * running_loss and loss > running_loss + 1:
+            logging.warning("loss %.4g at step %d is %.0fx its running value %.4g: training is "
+                            "diverging (optim.lr=%g too high? optim.clip_grad=%g)", loss, step,
+                            loss / running_loss, running_loss, config.optim.lr,
+                            config.optim.clip_grad)
+        running_loss = loss if not train_loss else 0.8 * running_loss + 0.2 * loss
+        train_loss.append(loss)
         if step > start_step + 1:
             train_rate.append(summary["images_per_sec"])
         pending, t_interval = [], time.time()
 
     preemption = PreemptionWatcher()
-    for step in range(start_step + 1, total_steps + 1):
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state_r, metrics = p_train_step(state_r, next(batches), teacher_vars)
-        pending.append((step, metrics))
-        if step == start_step + 1:
-            jax.block_until_ready(metrics)
-            compile_s = time.time() - t_interval
-            logging.info("first step (compilation included) took %.1fs", compile_s)
-            writer.write_scalars(step, {"first_step_seconds": compile_s})
-            flush_metrics(step)
-        report(step)
-        if step % config.log_every_steps == 0 or step == total_steps:
-            flush_metrics(step)
-        if step % config.checkpoint_every_steps == 0 or step == total_steps:
-            flush_metrics(step)  # never checkpoint unchecked (possibly non-finite) steps
-            save(step)
-        if step % eval_every == 0 or step == total_steps:
-            with report.timed("eval"):
-                results = run_eval(state_r)
-            writer.write_scalars(step, results)
-            logging.info("step %d: %s", step, results)
-            t_interval = time.time()  # images/s measures training only
-        if preemption.reached(step):
-            flush_metrics(step)
-            if manager.latest_step() != step:
-                save(step)
-            manager.wait_until_finished()
-            writer.flush()
-            logging.warning("preempted: saved step %d in %s; rerun the same command to resume",
-                            step, manager.directory)
-            preemption.close()
-            return results
-
-    preemption.close()
-    if not results:
-        results = run_eval(state_r)
-    manager.wait_until_finished()
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state_r, metrics = p_train_step(state_r, next(batches), teacher_vars)
+            pending.append((step, metrics))
+            if ckpts.held is not None:
+                # This step's loss comes from the held parameters: a finite one makes them good.
+                check_loss(step, np.asarray(jax.device_get(metrics["loss"]))[0])
+                ckpts.commit()
+            if step == start_step + 1:
+                jax.block_until_ready(metrics)
+                compile_s = time.time() - t_interval
+                logging.info("first step (compilation included) took %.1fs", compile_s)
+                writer.write_scalars(step, {"first_step_seconds": compile_s})
+                flush_metrics(step)
+            report(step)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                flush_metrics(step)
+            if step % config.checkpoint_every_steps == 0 or step == total_steps:
+                flush_metrics(step)  # the losses up to here are finite
+                hold(step)
+            if step % eval_every == 0 or step == total_steps:
+                with report.timed("eval"):
+                    results = run_eval(state_r)
+                writer.write_scalars(step, results)
+                logging.info("step %d: %s", step, results)
+                t_interval = time.time()  # images/s measures training only
+            if preemption.reached(step):
+                flush_metrics(step)
+                # No next step tests these parameters: finite (checked by hold) has to do.
+                if ckpts.held is None and ckpts.latest_step() != step:
+                    hold(step)
+                ckpts.commit()
+                ckpts.wait()
+                writer.flush()
+                logging.warning("preempted: saved step %d in %s; rerun the same command to "
+                                "resume", step, ckpts.directory)
+                return results
+        ckpts.commit()  # the last step's state (finite; no step after it)
+        if not results:
+            results = run_eval(state_r)
+        ckpts.wait()
+    finally:
+        _finish_saves(ckpts)  # before the SIGTERM handler goes: a signal must not cut them
+        preemption.close()
     if jax.process_index() == 0:
         (checkpoint.epath.Path(workdir) / "DONE").write_text(str(total_steps))
     writer.flush()
@@ -375,3 +449,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if train_rate:
         results["train/images_per_sec"] = float(np.median(train_rate))
     return results
+
+
+def _finish_saves(ckpts: checkpoint.RunCheckpoints) -> None:
+    """Lets pending asynchronous saves end before the run does (even on an error)."""
+    try:
+        ckpts.wait()
+    except Exception as e:  # noqa: BLE001 - the error that ended the run is the one to show
+        logging.error("a pending checkpoint could not be finished: %s", e)
