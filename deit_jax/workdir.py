@@ -57,6 +57,28 @@ class WorkdirLock:
                             "run writes it", self.workdir)
             return self
         path = os.path.join(self.workdir, LOCK_NAME)
+        for _ in range(5):
+            fd = self._lock_file(path)
+            # A lock file unlinked (or replaced) between our open and our flock locks nothing
+            # another run can see: lock again until the path names the file we hold.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise WorkdirError(f"cannot lock {path}: the file keeps being replaced; is another "
+                               "program cleaning --workdir?")
+        # Who holds it, for the message above (the lock itself is the flock, not this text).
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+        logging.info("locked %s (pid %d)", path, os.getpid())
+        return self
+
+    def _lock_file(self, path: str) -> int:
         low = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         # Kept on a high descriptor number: a library closing a stale low number (one reused
         # for this file) would otherwise drop the lock without a word.
@@ -72,12 +94,7 @@ class WorkdirLock:
             raise WorkdirError(
                 f"another run is writing --workdir={self.workdir} ({holder}); wait for it to "
                 "end, stop it, or pick another --workdir") from None
-        # Who holds it, for the message above (the lock itself is the flock, not this text).
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._fd = fd
-        logging.info("locked %s (pid %d)", path, os.getpid())
-        return self
+        return fd
 
     def release(self) -> None:
         if self._fd is not None:
