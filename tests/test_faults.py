@@ -95,10 +95,13 @@ def base(tmp_path_factory) -> tuple[Path, dict, list[str]]:
 
 
 def test_nan_stops_naming_a_finished_finite_checkpoint_whose_next_loss_was_finite(tmp_path):
-    # The smoke schedule holds the warmup lr for the first epoch (8 steps): step 9 takes the
-    # first update at lr 1e30, its parameters are finite (~1e28), the loss of step 10 is not.
+    # A 1-epoch warmup without the official one-epoch lag holds the warmup lr for the first
+    # epoch (8 steps): step 9 takes the first update at lr 1e30, its parameters are finite
+    # (~1e28), the loss of step 10 is not.
     with pytest.raises(DivergedError) as info:
         train.train_and_evaluate(config(**{"optim.lr": 1e30, "max_steps": 12,
+                                           "optim.warmup_epochs": 1.0,
+                                           "optim.official_lr_lag": False,
                                            "checkpoint_every_steps": 1}), str(tmp_path))
     message = str(info.value)
     bad = int(re.search(r"(?:at|after) step (\d+)", message).group(1))
