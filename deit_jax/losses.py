@@ -3,6 +3,9 @@ distillation on the dist head, combined as ``(1 - alpha) * base + alpha * kd``."
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -52,7 +55,9 @@ def distillation_loss(dist_logits: jax.Array, teacher_logits: jax.Array, *, dist
 
 def deit_loss(cls_logits: jax.Array, dist_logits: jax.Array | None, targets: jax.Array,
               teacher_logits: jax.Array | None, *, distillation: str, alpha: float = 0.5,
-              tau: float = 1.0, kd_reduction: str = "numel") -> jax.Array:
+              tau: float = 1.0, kd_reduction: str = "numel",
+              criterion: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+              ) -> jax.Array:
     """The combined DeiT loss (a scalar).
 
     Args:
@@ -65,19 +70,22 @@ def deit_loss(cls_logits: jax.Array, dist_logits: jax.Array | None, targets: jax
       alpha: weight of the kd term.
       tau: distillation temperature (soft only).
       kd_reduction: 'numel' (official) or 'batchmean' (soft only).
+      criterion: ``(logits, targets) -> scalar``, the base loss of the label-trained heads;
+        None = ``soft_target_cross_entropy`` (the official ``DistillationLoss`` wraps either).
     """
+    criterion = criterion or soft_target_cross_entropy
     if distillation not in DISTILLATION_KINDS:
         raise ValueError(f"distillation must be one of {DISTILLATION_KINDS}, got {distillation!r}")
     if kd_reduction not in KD_REDUCTIONS:
         raise ValueError(f"kd_reduction must be one of {KD_REDUCTIONS}, got {kd_reduction!r}")
-    base = soft_target_cross_entropy(cls_logits, targets)
+    base = criterion(cls_logits, targets)
     if distillation == "none":
         return base
     if distillation == "cls2":
         if dist_logits is None:
             raise ValueError("distillation='cls2' needs a model with a second token "
                              "(a *_distilled_* name)")
-        return (1.0 - alpha) * base + alpha * soft_target_cross_entropy(dist_logits, targets)
+        return (1.0 - alpha) * base + alpha * criterion(dist_logits, targets)
     if dist_logits is None or teacher_logits is None:
         raise ValueError(f"distillation={distillation!r} needs dist_logits (a distilled model) "
                          "and teacher_logits")
@@ -107,17 +115,10 @@ def bce_deit_loss(cls_logits: jax.Array, dist_logits: jax.Array | None, targets:
                   target_threshold: float | None = 0.0) -> jax.Array:
     """``deit_loss`` with ``binary_cross_entropy`` as the base criterion, as the official
     ``DistillationLoss`` wraps ``BCEWithLogitsLoss`` under ``--bce-loss`` (same arguments)."""
-    if distillation not in DISTILLATION_KINDS:
-        raise ValueError(f"distillation must be one of {DISTILLATION_KINDS}, got {distillation!r}")
-    base = binary_cross_entropy(cls_logits, targets, target_threshold=target_threshold)
-    if distillation == "none":
-        return base
-    if dist_logits is None or teacher_logits is None:
-        raise ValueError(f"distillation={distillation!r} needs dist_logits (a distilled model) "
-                         "and teacher_logits")
-    kd = distillation_loss(dist_logits, teacher_logits, distillation=distillation, tau=tau,
-                           kd_reduction=kd_reduction)
-    return (1.0 - alpha) * base + alpha * kd
+    return deit_loss(cls_logits, dist_logits, targets, teacher_logits, distillation=distillation,
+                     alpha=alpha, tau=tau, kd_reduction=kd_reduction,
+                     criterion=functools.partial(binary_cross_entropy,
+                                                 target_threshold=target_threshold))
 
 
 def check_loss_config(kind: str, bce_target_threshold: float, label_smoothing: float,
