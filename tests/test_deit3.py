@@ -110,7 +110,7 @@ def test_layer_scale_init_and_drop_path_schedule():
     # With gamma = 1 the branches matter; the first block drops too under 'constant'.
     params = jax.tree_util.tree_map_with_path(
         lambda p, v: np.ones_like(v) if p[-1].key == "gamma" else v, params)
-    block0 = deit3.LayerScaleBlock(num_heads=2, drop_path=0.5, init_values=1.0)
+    block0 = deit3.Block(num_heads=2, drop_path=0.5, init_values=1.0)
     h = np.random.RandomState(1).randn(2000, 2, 8).astype(np.float32)
     bp = block0.init(jax.random.key(0), h, train=False)
     out = np.asarray(block0.apply(bp, h, train=True, rngs={"drop_path": jax.random.key(1)}))

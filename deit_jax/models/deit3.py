@@ -20,10 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deit_jax.models.vit import (
-    Attention,
+from deit_jax.models.vit import (  # noqa: F401 - LayerScale re-exported for DeiT III users
+    Block,
     Dtype,
-    Mlp,
+    LayerScale,
     PatchEmbed,
     _dense,
     _init_02,
@@ -35,41 +35,6 @@ from deit_jax.models.vit import (
 # passes no init_scale); timm's deit3_* entries use 1e-6. It only matters from scratch.
 OFFICIAL_LAYER_SCALE_INIT = 1e-4
 DROP_PATH_SCHEDULES = ("constant", "linear")
-
-
-class LayerScale(nn.Module):
-    """``x * gamma`` with a learned per-channel ``gamma`` initialised to ``init_value``."""
-
-    init_value: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
-        return x * gamma.astype(x.dtype)
-
-
-class LayerScaleBlock(nn.Module):
-    """Official ``Layer_scale_init_Block``: ``x + drop_path(gamma * f(norm(x)))`` twice."""
-
-    num_heads: int
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    init_values: float = OFFICIAL_LAYER_SCALE_INIT
-    dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        """[batch, tokens, dim] -> [batch, tokens, dim]."""
-        # Per-sample stochastic depth, one mask value per example (as vit.Block).
-        drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), deterministic=not train,
-                               rng_collection="drop_path")
-        y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(
-            _layer_norm(self.dtype, "norm1")(x))
-        x = x + drop_path(LayerScale(self.init_values, name="ls1")(y))
-        y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(
-            _layer_norm(self.dtype, "norm2")(x))
-        return x + drop_path(LayerScale(self.init_values, name="ls2")(y))
 
 
 class DeiT3(nn.Module):
@@ -124,8 +89,9 @@ class DeiT3(nn.Module):
         else:
             rates = [self.drop_path_rate] * self.depth
         for i, rate in enumerate(rates):
-            x = LayerScaleBlock(self.num_heads, self.mlp_ratio, rate, self.init_values,
-                                self.dtype, self.attention_impl, name=f"blocks_{i}")(x, train)
+            # The official Layer_scale_init_Block: vit.Block with LayerScale on both branches.
+            x = Block(self.num_heads, self.mlp_ratio, rate, self.dtype, self.attention_impl,
+                      init_values=self.init_values, name=f"blocks_{i}")(x, train)
         x = _layer_norm(self.dtype, "norm")(x)
         # Logits in float32 so losses and softmax never run in bfloat16.
         return _dense(self.num_classes, self.dtype, "head")(x[:, 0]).astype(jnp.float32)

@@ -106,14 +106,30 @@ class Mlp(nn.Module):
         return _dense(d, self.dtype, "fc2")(x)
 
 
+class LayerScale(nn.Module):
+    """``x * gamma`` with a learned per-channel ``gamma`` initialised to ``init_value``."""
+
+    init_value: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+        return x * gamma.astype(x.dtype)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block with stochastic depth on both residual branches."""
+    """Pre-norm transformer block with stochastic depth on both residual branches.
+
+    ``init_values`` (DeiT III's ``Layer_scale_init_Block``): each branch is scaled per channel
+    by a learned LayerScale ``gamma`` (``ls1``, ``ls2``) before stochastic depth; None = DeiT.
+    """
 
     num_heads: int
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    init_values: float | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -123,9 +139,13 @@ class Block(nn.Module):
                                rng_collection="drop_path")
         attn = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")
         y = attn(_layer_norm(self.dtype, "norm1")(x))
+        if self.init_values is not None:
+            y = LayerScale(self.init_values, name="ls1")(y)
         x = x + drop_path(y)
         y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name="mlp")(
             _layer_norm(self.dtype, "norm2")(x))
+        if self.init_values is not None:
+            y = LayerScale(self.init_values, name="ls2")(y)
         return x + drop_path(y)
 
 
