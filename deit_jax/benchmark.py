@@ -32,7 +32,6 @@ accelerator image.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -46,21 +45,27 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from flax import jax_utils
 
-from configs import common
-from deit_jax import models, optim, steps
+from deit_jax import cli, models, optim, steps
 from deit_jax.augment import device as device_aug
-from deit_jax.steps import AXIS
+from deit_jax.configs import common
+from deit_jax.models import ARCH_FIELDS, AXIS
+from deit_jax.teacher import Teacher, build_teacher
 
 MODES = ("train", "eval", "input")
+# distillation.teacher_logits of a precomputed-teacher benchmark: no store, the logits in the
+# batch are made up (the step's cost does not depend on them).
+SYNTHETIC_LOGITS = "<synthetic>"
 
 
 def build_config(model: str, batch_size: int, *, teacher: str = "", distillation: str = "hard",
-                 dtype: str = "float32", attention_impl: str = "", num_classes: int = 1000,
-                 on_device: bool = False, **arch: int) -> ml_collections.ConfigDict:
+                 dtype: str = "float32", attention_impl: str = "xla", num_classes: int = 1000,
+                 on_device: bool = False, **arch: int | None) -> ml_collections.ConfigDict:
     """The full recipe for ``model`` at global ``batch_size``; ``arch`` overrides ``config.model``
-    fields (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``; 0 = default)."""
+    fields (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``; None = the
+    registry's)."""
     c = common.base_config()
     c.model.name = model
     c.model.dtype = dtype
@@ -79,10 +84,10 @@ def build_config(model: str, batch_size: int, *, teacher: str = "", distillation
                              f"{distillation!r}")
         c.distillation.kind = distillation
         if teacher == "precomputed":
-            c.distillation.teacher = "precomputed:synthetic"  # logits made up by the benchmark
+            c.distillation.teacher_logits = SYNTHETIC_LOGITS  # made up by the benchmark
         else:
             c.distillation.teacher = teacher
-            c.distillation.teacher_init = "random"  # weights do not change the cost
+            c.distillation.random_teacher = True  # weights do not change the cost
             c.distillation.teacher_dtype = dtype
     else:
         c.distillation.kind = "none"
@@ -134,7 +139,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, image_size: int, devices:
         "label": rng.integers(0, config.dataset.num_classes, shape, dtype=np.int32)}
     if mode == "eval":
         batch["mask"] = np.ones(shape, np.float32)
-    if mode == "train" and config.distillation.teacher.startswith("precomputed:"):
+    if mode == "train" and config.distillation.teacher_logits:
         batch["teacher_logits"] = rng.standard_normal((*shape, config.dataset.num_classes),
                                                       dtype=np.float32)
     return {k: _shard(v) for k, v in batch.items()}
@@ -177,33 +182,31 @@ def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: 
     devices = jax.local_devices()
     n_dev = len(devices)
     num_classes = config.dataset.num_classes
-    model = models.create_model(config.model.name, **steps.model_overrides(config, num_classes))
-    image_size = steps.image_size_of(model, config)
+    model, image_size = models.from_config(config, num_classes)
     tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=1000)
-    state = steps.create_train_state(config, model, tx, jax.random.key(config.seed), image_size)
+    state = steps.create_train_state(model, tx, jax.random.key(config.seed), image_size,
+                                     ema=config.ema.enabled)
     batch = synthetic_batch(config, image_size, n_dev, mode)
     per_device = config.batch_size // n_dev
 
-    teacher = steps.Teacher()
+    teacher = Teacher()
     teacher_flops = None
-    precomputed = config.distillation.teacher.startswith("precomputed:")
-    if mode == "train" and config.distillation.kind != "none" and precomputed:
-        teacher = steps.Teacher(precomputed=True)
-    elif mode == "train" and config.distillation.kind != "none":
-        t_model = models.create_model(config.distillation.teacher, num_classes=num_classes,
-                                      dtype=jnp.dtype(config.distillation.teacher_dtype))
-        t_vars = steps.init_variables(t_model, jax.random.key(config.seed + 1), image_size)
-        teacher = steps.Teacher(t_model, t_vars)
+    if mode == "train" and config.distillation.teacher_logits == SYNTHETIC_LOGITS:
+        teacher = Teacher(precomputed=True)  # the store's step, without a store
+    elif mode == "train":
+        teacher = build_teacher(config, model, num_classes, image_size)
+    if teacher.model is not None:
         # The teacher's share of the step: its forward pass alone, on one device's batch.
         t_images = jnp.zeros((per_device, image_size, image_size, 3), jnp.float32)
-        t_fwd = jax.jit(functools.partial(t_model.apply, train=False)).lower(t_vars, t_images)
+        t_fwd = jax.jit(functools.partial(teacher.model.apply, train=False)).lower(
+            teacher.variables, t_images)
         t_flops = _cost_flops(t_fwd.compile())
         teacher_flops = None if t_flops is None else t_flops / per_device
 
     if mode == "train":
         p_step = jax.pmap(
-            functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx,
-                              lr_fn=lr_fn, config=config),
+            steps.train_step_from_config(config, model=model, tx=tx, lr_fn=lr_fn,
+                                         teacher=teacher),
             axis_name=AXIS, donate_argnums=(0,))
         state_r = jax_utils.replicate(state)
         teacher_vars = jax_utils.replicate(teacher.variables) if teacher.model else None
@@ -253,7 +256,7 @@ def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: 
         "teacher": ("precomputed" if teacher.precomputed else
                     config.distillation.teacher if teacher.model else None),
         "distillation": config.distillation.kind if mode == "train" else None,
-        "attention_impl": config.model.attention_impl or "xla",
+        "attention_impl": config.model.attention_impl,
         "img_size": image_size,
         "devices": n_dev,
         "platform": devices[0].platform,
@@ -325,39 +328,43 @@ def run_input(data_dir: str, *, on_device: bool = True, images: int = 512,
             "cpus": len(os.sched_getaffinity(0)), "loadavg_1min": load}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m deit_jax.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="deit_tiny_distilled_patch16_224",
-                   choices=models.MODEL_NAMES)
-    p.add_argument("--batch_size", type=int, default=128, help="global, over all local devices")
-    p.add_argument("--mode", default="train", choices=MODES)
-    p.add_argument("--teacher", default="", help="teacher model name (random weights); "
-                   "'precomputed' = logits in the batch (a teacher-logits store's step); "
-                   "'' = no teacher, distillation.kind='none'")
-    p.add_argument("--distillation", default="hard", choices=("hard", "soft"),
-                   help="the distillation kind when --teacher is given")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    p.add_argument("--peak_tflops", type=float, default=0.0,
-                   help="per-device peak TFLOP/s for --dtype (for MFU); 0 = no MFU")
-    p.add_argument("--attention_impl", default="", choices=("", "xla", "cudnn"))
-    p.add_argument("--num_classes", type=int, default=1000)
-    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
-        p.add_argument(f"--{key}", type=int, default=0, help="DeiT override; 0 = the model's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data_dir", default="", help="--mode=input: an ImageFolder root (train/)")
-    p.add_argument("--on_device", default="", choices=("", "true", "false"),
-                   help="aug.on_device. --mode=input (default true): the host side of that "
-                   "path is timed. --mode=train (default false): true = uint8 views augmented "
-                   "in the step, with the augmentation's FLOPs and step-time share")
-    p.add_argument("--images", type=int, default=512, help="--mode=input: images timed")
-    return p.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues, argv: list[str] | None = None) -> None:
+    """The benchmark's flags (``argv`` unused: no ``--config``)."""
+    del argv
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_enum("model", "deit_tiny_distilled_patch16_224", list(models.MODEL_NAMES),
+                      "Model name.", **fv)
+    flags.DEFINE_integer("batch_size", 128, "Global, over all local devices.", **fv)
+    flags.DEFINE_enum("mode", "train", list(MODES), "What is timed.", **fv)
+    flags.DEFINE_string("teacher", "", "Teacher model name (random weights); 'precomputed' = "
+                        "logits in the batch (a teacher-logits store's step); '' = no teacher, "
+                        "distillation.kind='none'.", **fv)
+    flags.DEFINE_enum("distillation", "hard", ["hard", "soft"],
+                      "The distillation kind when --teacher is given.", **fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.", **fv)
+    flags.DEFINE_integer("steps", 10, "Timed steps.", **fv)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", **fv)
+    flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s for --dtype (for MFU); "
+                       "0 = no MFU.", **fv)
+    flags.DEFINE_enum("attention_impl", "xla", ["xla", "cudnn"], "Attention implementation.",
+                      **fv)
+    flags.DEFINE_integer("num_classes", 1000, "Classes of the synthetic labels.", **fv)
+    for key in ARCH_FIELDS:
+        flags.DEFINE_integer(key, None, "DeiT override; unset = the model's.", **fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the synthetic batch and the initialisation.", **fv)
+    flags.DEFINE_string("data_dir", "", "--mode=input: an ImageFolder root (train/).", **fv)
+    flags.DEFINE_enum("on_device", None, ["true", "false"],
+                      "aug.on_device. --mode=input (default true): the host side of that path is "
+                      "timed. --mode=train (default false): true = uint8 views augmented in the "
+                      "step, with the augmentation's FLOPs and step-time share.", **fv)
+    flags.DEFINE_integer("images", 512, "--mode=input: images timed.", **fv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    a = parse_args(argv)
+    """Runs the benchmark that ``argv`` (flags, no program name; default ``sys.argv[1:]``)
+    describes; prints and returns its JSON record."""
+    a = cli.parse(define_flags, sys.argv[1:] if argv is None else argv,
+                  "python -m deit_jax.benchmark", __doc__)
     if a.mode == "input":
         if not a.data_dir:
             raise SystemExit("--mode=input needs --data_dir=ROOT (an ImageFolder with train/; "
@@ -367,13 +374,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            image_size=a.img_size or 224)
         print(json.dumps(result), flush=True)
         return result
-    arch = {k: getattr(a, k) for k in ("img_size", "patch_size", "embed_dim", "depth",
-                                       "num_heads") if getattr(a, k)}
+    arch = {k: a[k].value for k in ARCH_FIELDS if a[k].value is not None}
     if arch and not models.is_deit(a.model):
         raise SystemExit(f"--{next(iter(arch))} applies to DeiT models only")
-    attention_impl = "" if a.attention_impl == "xla" else a.attention_impl
     config = build_config(a.model, a.batch_size, teacher=a.teacher, distillation=a.distillation,
-                          dtype=a.dtype, attention_impl=attention_impl,
+                          dtype=a.dtype, attention_impl=a.attention_impl,
                           num_classes=a.num_classes, on_device=a.on_device == "true", **arch)
     config.seed = a.seed
     result = run(config, mode=a.mode, steps_timed=a.steps, warmup=a.warmup,
@@ -382,7 +387,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The console entry point ``deit-benchmark``."""
     from deit_jax.errors import exit_on_user_error
 
-    exit_on_user_error(main)(sys.argv[1:])
+    exit_on_user_error(main)()
+
+
+if __name__ == "__main__":
+    console()

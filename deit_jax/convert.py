@@ -328,32 +328,39 @@ def save_safetensors(state_dict: Mapping[str, np.ndarray], path: str) -> None:
               metadata={"format": "pt"})
 
 
+def define_flags(flag_values, argv: list[str] | None = None) -> None:
+    """The command's flags (``argv`` unused: no ``--config``)."""
+    from absl import flags
+
+    del argv
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_enum("to", "flax", ["flax", "torch"], "flax: PyTorch weights -> Orbax "
+                      "checkpoint; torch: a checkpoint or workdir -> timm .safetensors.", **fv)
+    flags.DEFINE_enum("model", None, list(models.MODEL_NAMES), "Model name.", **fv)
+    flags.DEFINE_string("src", None, "--to=flax: .pth or .safetensors file; --to=torch: a "
+                        "converted checkpoint or a training workdir (its latest step).", **fv)
+    flags.DEFINE_string("out", None, "--to=flax: output directory; --to=torch: "
+                        "FILE.safetensors.", **fv)
+    flags.DEFINE_integer("img_size", None, "--to=flax: target resolution; pos_embed is "
+                         "resampled when it differs.", **fv)
+    flags.DEFINE_enum("weights", "raw", list(EXPORT_WEIGHTS), "--to=torch: the raw trained "
+                      "weights or the model EMA.", **fv)
+    flags.mark_flags_as_required(["model", "src", "out"], **fv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    import argparse
+    """Runs the command on ``argv`` (flags, no program name; default ``sys.argv[1:]``)."""
+    import sys
 
-    from deit_jax import checkpoint
+    from deit_jax import checkpoint, cli
 
-    parser = argparse.ArgumentParser(prog="python -m deit_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--to", choices=("flax", "torch"), default="flax",
-                        help="flax: PyTorch weights -> Orbax checkpoint; torch: a checkpoint "
-                             "or workdir -> timm .safetensors")
-    parser.add_argument("--model", required=True, choices=models.MODEL_NAMES)
-    parser.add_argument("--src", required=True,
-                        help="--to=flax: .pth or .safetensors file; --to=torch: a converted "
-                             "checkpoint or a training workdir (its latest step)")
-    parser.add_argument("--out", required=True,
-                        help="--to=flax: output directory; --to=torch: FILE.safetensors")
-    parser.add_argument("--img_size", type=int, default=None,
-                        help="--to=flax: target resolution; pos_embed is resampled when it differs")
-    parser.add_argument("--weights", choices=EXPORT_WEIGHTS, default="raw",
-                        help="--to=torch: the raw trained weights or the model EMA")
-    args = parser.parse_args(argv)
+    args = cli.parse(define_flags, sys.argv[1:] if argv is None else argv,
+                     "python -m deit_jax.convert", __doc__)
     if args.to == "torch":
         if not args.out.endswith(".safetensors"):
-            parser.error(f"--to=torch writes a .safetensors file; got --out={args.out}")
+            cli.usage_error(f"--to=torch writes a .safetensors file; got --out={args.out}")
         if args.img_size is not None:
-            parser.error("--img_size resamples on import (--to=flax) only")
+            cli.usage_error("--img_size resamples on import (--to=flax) only")
         state_dict = export_state_dict(load_export_variables(args.src, args.weights),
                                        args.model)
         save_safetensors(state_dict, args.out)
@@ -372,7 +379,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.model} ({n:,} params) to {args.out}")
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The console entry point ``deit-convert``."""
     from deit_jax.errors import exit_on_user_error
 
     exit_on_user_error(main)()
+
+
+if __name__ == "__main__":
+    console()

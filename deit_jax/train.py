@@ -1,4 +1,7 @@
-"""The training loop: setup checks, teacher, init_from, checkpoints, metrics, evaluation."""
+"""The training loop: setup checks, checkpoints, metrics, evaluation.
+
+The teacher comes from ``teacher.py``, pretrained weights from ``pretrained.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,7 @@ import signal
 import threading
 import time
 
-import flax
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -19,9 +19,11 @@ from clu import metric_writers, periodic_actions
 from flax import jax_utils
 from jax.experimental import multihost_utils
 
-from deit_jax import checkpoint, input_pipeline, losses, models, optim, steps, teacher_logits
-from deit_jax.errors import ConfigError, DivergedError, MissingPathError
-from deit_jax.steps import AXIS, Teacher
+from deit_jax import checkpoint, input_pipeline, models, optim, pretrained, steps, teacher_store
+from deit_jax import teacher as teacher_lib
+from deit_jax.errors import ConfigError, DivergedError
+from deit_jax.models import AXIS
+from deit_jax.teacher import build_teacher
 from deit_jax.workdir import WorkdirLock, check_writable
 
 # A logged loss this many times its running value (and 1 nat above it) is a divergence: warned.
@@ -75,125 +77,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           f"{checkpoint.ON_DAMAGE}")
     if not config.optim.lr > 0:
         raise ConfigError(f"optim.lr={config.optim.lr} must be > 0")
+    teacher_lib.check_config(config)
 
 
-def load_pretrained(path: str) -> dict:
-    """Variables from a converted checkpoint or from an earlier run's workdir (its latest step)."""
-    if checkpoint.is_variables_checkpoint(path):
-        return checkpoint.load_variables(path)[0]
-    manager = checkpoint.create_manager(path, max_to_keep=1000, enable_async=False) if (
-        checkpoint.has_run_checkpoints(path)) else None
-    if manager is None:
-        raise MissingPathError(
-            f"{path!r} is neither a converted checkpoint (python -m deit_jax.convert ... "
-            "--out DIR) nor a training workdir with checkpoints")
-    state = checkpoint.restore_raw(manager, manager.latest_step())
-    variables = {"params": state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
-    return variables
+def open_training_data(config: ml_collections.ConfigDict):
+    """The start-up every command that trains on ``config`` shares: the student, its input size,
+    the training source, with the class count checked against ``dataset.num_classes``.
 
-
-def fit_pos_embed(pos_embed: np.ndarray, model: nn.Module) -> np.ndarray:
-    """``pos_embed`` resampled to ``model``'s patch grid (the official fine-tuning rule)."""
-    from deit_jax.convert import resample_pos_embed
-
-    side = model.img_size // model.patch_size
-    return resample_pos_embed(np.asarray(pos_embed), (side, side), model.num_prefix_tokens)
-
-
-def adapt_pretrained(pretrained: dict, target: dict, model: nn.Module) -> dict:
-    """Fits ``pretrained`` params to ``target``'s shapes for fine-tuning.
-
-    ``pos_embed`` is resampled to the new grid (official fine-tuning rule) and heads whose class
-    count differs are re-initialised (taken from ``target``); any other mismatch is an error.
+    Returns ``(model, image_size, train_source)``; the model predicts the source's classes.
     """
-    flat_src = flax.traverse_util.flatten_dict(pretrained)
-    flat_dst = flax.traverse_util.flatten_dict(target)
-    missing = sorted("/".join(k) for k in set(flat_dst) - set(flat_src))
-    extra = sorted("/".join(k) for k in set(flat_src) - set(flat_dst))
-    if missing or extra:
-        raise ConfigError(f"init_from does not fit {type(model).__name__}: missing {missing}, "
-                          f"unexpected {extra}")
-    out = {}
-    for key, dst in flat_dst.items():
-        src = np.asarray(flat_src[key])
-        if src.shape != dst.shape:
-            if key == ("pos_embed",):
-                src = fit_pos_embed(src, model)
-            elif key[0] in ("head", "head_dist"):
-                logging.info("init_from: re-initialising %s (%s -> %s classes)", key[0],
-                             src.shape[-1], dst.shape[-1])
-                src = np.asarray(dst)
-            if src.shape != dst.shape:
-                raise ConfigError(f"init_from: {'/'.join(key)} has shape {src.shape}, the model "
-                                  f"needs {dst.shape}")
-        out[key] = src.astype(np.asarray(dst).dtype)
-    return flax.traverse_util.unflatten_dict(out)
-
-
-def build_teacher(config: ml_collections.ConfigDict, student: nn.Module, num_classes: int,
-                  image_size: int, num_examples: int | None = None) -> Teacher:
-    """Checks the distillation setup and loads the teacher before any training starts.
-
-    ``num_examples`` (the training split's size) is needed for a precomputed teacher, whose
-    store is validated here against the run's dataset, split, classes and example ids.
-    """
-    dist = config.distillation
-    if dist.kind not in losses.DISTILLATION_KINDS:
-        raise ConfigError(f"distillation.kind must be one of {losses.DISTILLATION_KINDS}")
-    if dist.kind == "none":
-        return Teacher()
-    if not steps.is_distilled(student):
-        raise ConfigError(f"distillation.kind={dist.kind!r} needs a distilled student (one with a "
-                          f"dist token); {config.model.name} has none: use the *_distilled_* name")
-    if dist.kind not in losses.TEACHER_KINDS:
-        return Teacher()  # 'cls2': the second token learns the labels, there is no teacher
-    if dist.teacher.startswith("precomputed:"):
-        if num_examples is None:
-            raise ConfigError("a precomputed teacher is checked against the training split: "
-                              "pass build_teacher(..., num_examples=train_source.num_examples)")
-        store = teacher_logits.open_for_training(config, num_classes=num_classes,
-                                                 num_examples=num_examples,
-                                                 image_size=image_size)
-        return Teacher(precomputed=True, store=store)
-    if not dist.teacher_init:
-        raise ConfigError(f"distillation.kind={dist.kind!r} needs a teacher checkpoint: set "
-                          "--config.distillation.teacher_init=DIR (a converted checkpoint or a "
-                          "teacher's workdir)")
-    overrides = dict(num_classes=num_classes, dtype=jnp.dtype(dist.teacher_dtype))
-    if models.is_deit(dist.teacher):
-        # A DeiT teacher (the paper's Table 2) sees the student's input at its resolution; a
-        # checkpoint made for another one has its pos_embed resampled below.
-        overrides["img_size"] = image_size
-    model = models.create_model(dist.teacher, **overrides)
-    if dist.teacher_init == "random":
-        logging.warning("distillation teacher %s has RANDOM weights (teacher_init='random')",
-                        dist.teacher)
-        # rbg keys: XLA on the CPU compiles threefry-heavy initialisers very slowly.
-        variables = steps.init_variables(model, jax.random.key(1, impl="rbg"), image_size)
-        return Teacher(model, variables)
-    target = steps.variable_shapes(model, image_size)
-    variables = load_pretrained(dist.teacher_init)
-    flat_t, flat_v = (flax.traverse_util.flatten_dict(t) for t in (target, variables))
-    pos = ("params", "pos_embed")
-    if models.is_deit(dist.teacher) and pos in flat_v and flat_v[pos].shape != flat_t[pos].shape:
-        logging.info("teacher %s: resampling pos_embed %s -> %s for %dx%d inputs", dist.teacher,
-                     flat_v[pos].shape, flat_t[pos].shape, image_size, image_size)
-        flat_v[pos] = fit_pos_embed(flat_v[pos], model)
-        variables = flax.traverse_util.unflatten_dict(flat_v)
-    # The head's output width is the class count (DeiT: head/kernel, RegNet: head_fc/kernel).
-    widths = {v.shape[-1] for k, v in flat_v.items() if k[1].startswith("head")
-              and k[-1] == "kernel"}
-    if widths and widths != {num_classes}:
-        raise ConfigError(f"teacher {dist.teacher} from {dist.teacher_init} predicts "
-                          f"{sorted(widths)[0]} classes, the student {num_classes}")
-    bad = sorted("/".join(k) for k in set(flat_t) ^ set(flat_v)) + sorted(
-        "/".join(k) for k in set(flat_t) & set(flat_v) if flat_t[k].shape != flat_v[k].shape)
-    if bad:
-        raise ConfigError(f"teacher checkpoint {dist.teacher_init} does not fit {dist.teacher}: "
-                          f"{bad[:10]}")
-    return Teacher(model, variables)
+    _, image_size = models.from_config(config, 1)  # the size does not depend on the classes
+    train_source = input_pipeline.get_source(config, "train", image_size)
+    num_classes = train_source.num_classes
+    if config.dataset.num_classes and config.dataset.num_classes != num_classes:
+        raise ConfigError(f"config.dataset.num_classes={config.dataset.num_classes} but "
+                          f"{train_source.name} has {num_classes} classes")
+    model, _ = models.from_config(config, num_classes)
+    return model, image_size, train_source
 
 
 # -------------------------------------------------------------------------------------- loop
@@ -260,16 +160,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if config.optim.grad_accum_steps < 1 or layout.per_device % config.optim.grad_accum_steps:
         raise ConfigError(f"per-device batch {layout.per_device} is not divisible by "
                           f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
-    probe = models.create_model(config.model.name, **steps.model_overrides(config, 1))
-    image_size = steps.image_size_of(probe, config)
-    train_source = input_pipeline.get_source(config, "train", image_size)
-    eval_source = input_pipeline.get_source(config, "eval", image_size)
+    model, image_size, train_source = open_training_data(config)
     num_classes = train_source.num_classes
-    if config.dataset.num_classes and config.dataset.num_classes != num_classes:
-        raise ConfigError(f"config.dataset.num_classes={config.dataset.num_classes} but "
-                          f"{train_source.name} has {num_classes} classes")
+    eval_source = input_pipeline.get_source(config, "eval", image_size)
     extra_eval = input_pipeline.get_extra_eval_sources(config, num_classes)
-    model = models.create_model(config.model.name, **steps.model_overrides(config, num_classes))
     teacher = build_teacher(config, model, num_classes, image_size,
                             num_examples=train_source.num_examples)
 
@@ -283,13 +177,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     if config.max_steps > 0:
         total_steps = min(total_steps, config.max_steps)
     tx, lr_fn = optim.create_optimizer(config, steps_per_epoch)
-    state = steps.create_train_state(config, model, tx, jax.random.key(config.seed), image_size)
+    state = steps.create_train_state(model, tx, jax.random.key(config.seed), image_size,
+                                     ema=config.ema.enabled)
 
     if config.init_from:
-        pretrained = load_pretrained(config.init_from)
-        params = adapt_pretrained(pretrained["params"], state.params, model)
+        loaded = pretrained.load(config.init_from)
+        params = pretrained.adapt_params(loaded["params"], state.params, model)
         state = state.replace(params=params, opt_state=tx.init(params),
-                              batch_stats=pretrained.get("batch_stats", state.batch_stats),
+                              batch_stats=loaded.get("batch_stats", state.batch_stats),
                               ema_params=jax.tree.map(np.copy, params) if config.ema.enabled
                               else {})
     elif config.eval_only:
@@ -336,8 +231,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state_r = steps.replicate(state)
     teacher_vars = steps.replicate(teacher.variables) if teacher.model else None
     p_train_step = jax.pmap(
-        functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx, lr_fn=lr_fn,
-                          config=config),
+        steps.train_step_from_config(config, model=model, tx=tx, lr_fn=lr_fn, teacher=teacher),
         axis_name=AXIS, donate_argnums=(0,))
     train_iter = input_pipeline.train_batches(
         config, train_source, layout, image_size=image_size, start_step=start_step,
@@ -345,7 +239,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     batches = train_iter
     if teacher.precomputed:
         # Joined by example id on the host, before the copy to the devices.
-        batches = teacher_logits.attach(batches, teacher.store)
+        batches = teacher_store.attach(batches, teacher.store)
     batches = jax_utils.prefetch_to_device(batches, 2)
 
     def hold(step):

@@ -237,11 +237,12 @@ def _step_on(devices, config, state, images, labels):
     from flax import jax_utils
 
     from deit_jax import models, optim, steps
+    from deit_jax.teacher import Teacher
 
-    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
+    model = models.from_config(config, 10)[0]
     tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=10)
-    p_step = jax.pmap(functools.partial(steps.train_step, model=model, teacher=steps.Teacher(),
-                                        tx=tx, lr_fn=lr_fn, config=config),
+    p_step = jax.pmap(steps.train_step_from_config(config, model=model, teacher=Teacher(),
+                                                   tx=tx, lr_fn=lr_fn),
                       axis_name='batch', devices=devices)
     n = len(devices)
     batch = {'image': images.reshape(n, -1, *images.shape[1:]), 'label': labels.reshape(n, -1)}
@@ -263,9 +264,9 @@ def test_step_with_device_augmentation_on_8_devices_equals_1_device():
         'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0, 'model.drop_path_rate': 0.0,
         'distillation.kind': 'none'})
     config.lock()
-    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
+    model = models.from_config(config, 10)[0]
     tx, _ = optim.create_optimizer(config, steps_per_epoch=10)
-    state = steps.create_train_state(config, model, tx, jax.random.key(0), 32)
+    state = steps.create_train_state(model, tx, jax.random.key(0), 32, ema=config.ema.enabled)
     images = np.stack([_natural_image(32, 32, seed=s) for s in range(8)])
     labels = np.arange(8, dtype=np.int32) % 10
     s8, m8 = _step_on(jax.devices(), config, state, images, labels)

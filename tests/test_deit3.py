@@ -283,7 +283,7 @@ def test_deit3_trained_in_jax_exported_gives_the_jax_logits_in_timm(deit3_smoke_
     from safetensors.torch import load_file
     from timm.models.vision_transformer import VisionTransformer
 
-    from deit_jax import checkpoint, steps
+    from deit_jax import checkpoint
 
     config, workdir, _ = deit3_smoke_run
     out = tmp_path / f"{weights}.safetensors"
@@ -292,7 +292,7 @@ def test_deit3_trained_in_jax_exported_gives_the_jax_logits_in_timm(deit3_smoke_
     manager = checkpoint.create_manager(workdir, max_to_keep=10, enable_async=False)
     state = checkpoint.restore_raw(manager, manager.latest_step())
     params = state["params" if weights == "raw" else "ema_params"]
-    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
+    model = models.from_config(config, 10)[0]
     x = np.random.RandomState(0).randn(4, 3, 32, 32).astype(np.float32)
     expected = np.asarray(model.apply({"params": params}, nchw_to_nhwc(x)))
     # timm's deit3 definition (deit.py) at the smoke model's size.

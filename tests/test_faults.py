@@ -53,9 +53,9 @@ def config(**overrides):
 def target_state(embed_dim: int = 0):
     """A TrainState of the test config's structure (restore target), built once."""
     c = config(**{"model.embed_dim": embed_dim} if embed_dim else {})
-    model = models.create_model(c.model.name, **steps.model_overrides(c, 10))
+    model = models.from_config(c, 10)[0]
     tx, _ = optim.create_optimizer(c, 8)
-    return steps.create_train_state(c, model, tx, jax.random.key(0), 32)
+    return steps.create_train_state(model, tx, jax.random.key(0), 32, ema=c.ema.enabled)
 
 
 def saved(workdir_: Path) -> list[str]:

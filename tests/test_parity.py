@@ -19,7 +19,6 @@ bound the agreement (measured, 12 steps: see the tolerances below).
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import flax.linen as nn
@@ -37,6 +36,7 @@ from timm.scheduler import CosineLRScheduler
 
 from configs import deit_ti
 from deit_jax import convert, models, optim, steps
+from deit_jax.teacher import Teacher
 
 NAME = "deit_tiny_distilled_patch16_224"
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
@@ -261,19 +261,19 @@ def mixup_draws(config, root_key_data, num_steps):
 
 
 def project_run(config, params, teacher_kernel, batches):
-    model = models.create_model(config.model.name, **steps.model_overrides(config, CLASSES))
+    model = models.from_config(config, CLASSES)[0]
     tx, lr_fn = optim.create_optimizer(config, STEPS_PER_EPOCH)
     # create_train_state's fields with the converted weights (its own init is not needed).
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                              opt_state=tx.init(params), batch_stats={},
                              ema_params=jax.tree.map(jnp.copy, params),
                              rng=jax.random.key_data(jax.random.key(0)))
-    teacher = steps.Teacher(FlaxLinearTeacher(CLASSES),
+    teacher = Teacher(FlaxLinearTeacher(CLASSES),
                             {"params": {"Dense_0": {"kernel": jnp.asarray(teacher_kernel)}}})
     devices = jax.devices()[:DEVICES]
     p_train_step = jax.pmap(
-        functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx, lr_fn=lr_fn,
-                          config=config), axis_name=steps.AXIS, devices=devices)
+        steps.train_step_from_config(config, model=model, teacher=teacher, tx=tx, lr_fn=lr_fn),
+        axis_name=steps.AXIS, devices=devices)
     # Laid out as the step's outputs (see steps.replicate): no second compilation at step 2.
     replicate = jax.pmap(lambda x: x, axis_name=steps.AXIS, devices=devices)
     state_r = replicate(jax_utils.replicate(state, devices))
@@ -398,7 +398,7 @@ def test_patch_embed_bias_init_is_pytorch_conv_default():
     # timm 0.3.2 leaves the patch projection at nn.Conv2d's init: U(+-1/sqrt(fan_in)) for the
     # weight and the bias alike.
     model = models.create_model(NAME, **TINY)
-    params = steps.init_variables(model, jax.random.key(0), 32)["params"]["patch_embed"]["proj"]
+    params = models.init_variables(model, jax.random.key(0), 32)["params"]["patch_embed"]["proj"]
     bound = 1 / math.sqrt(8 * 8 * 3)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 48, 8, 8)  # the reference distribution

@@ -26,9 +26,10 @@ from deit_jax import (
     optim,
     steps,
     teacher_logits,
-    train,
+    teacher_store,
 )
-from deit_jax.steps import Teacher
+from deit_jax import teacher as teacher_lib
+from deit_jax.teacher import Teacher
 
 # Train views equal eval views: a full-image "random" crop of the square synthetic images, no
 # flip or erasing, and an eval resize to the crop size itself (crop ratio 1). No mixup.
@@ -71,7 +72,7 @@ def teacher_init(tmp_path_factory):
     model = models.create_model("regnety_002", num_classes=NUM_CLASSES)
     rng = np.random.RandomState(0)
     flat = {}
-    for key, leaf in flax.traverse_util.flatten_dict(steps.variable_shapes(model, 32)).items():
+    for key, leaf in flax.traverse_util.flatten_dict(models.variable_shapes(model, 32)).items():
         if key[-1] == "kernel":
             value = rng.randn(*leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
         else:
@@ -79,7 +80,7 @@ def teacher_init(tmp_path_factory):
         flat[key] = value.astype(leaf.dtype)
     flat["params", "head_fc", "kernel"] *= 30.0
     variables = flax.traverse_util.unflatten_dict(flat)
-    images, _ = eval_views(smoke_config("random"))
+    images, _ = eval_views(smoke_config(""))
     logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
     flat["params", "head_fc", "bias"] = -np.asarray(logits).mean(0)
     out = tmp_path_factory.mktemp("teacher")
@@ -104,7 +105,7 @@ def run_command(teacher_init, out, *args, overrides=None):
 def open_store(directory, **overrides):
     kw = dict(dataset="synthetic", split="train", num_classes=NUM_CLASSES,
               num_examples=NUM_EXAMPLES) | overrides
-    return teacher_logits.TeacherLogitsStore.open(str(directory), **kw)
+    return teacher_store.TeacherLogitsStore.open(str(directory), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +127,8 @@ def crop_store_dir(teacher_init, tmp_path_factory):
 def build_teacher(teacher_init, **overrides):
     """The teacher as the training loop builds it for the smoke student (32x32 inputs)."""
     config = smoke_config(teacher_init, **overrides)
-    student = models.create_model(config.model.name, **steps.model_overrides(config, 10))
-    return train.build_teacher(config, student, NUM_CLASSES, 32)
+    student = models.from_config(config, 10)[0]
+    return teacher_lib.build_teacher(config, student, NUM_CLASSES, 32)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def deit_teacher_init(tmp_path_factory):
     model = models.create_model(DEIT_TEACHER, num_classes=NUM_CLASSES)
     rng = np.random.RandomState(1)
     flat = {}
-    for key, leaf in flax.traverse_util.flatten_dict(steps.variable_shapes(model, 224)).items():
+    for key, leaf in flax.traverse_util.flatten_dict(models.variable_shapes(model, 224)).items():
         value = (np.ones(leaf.shape) if key[-1] == "scale" else np.zeros(leaf.shape)
                  if key[-1] == "bias" else 0.02 * rng.randn(*leaf.shape))
         flat[key] = value.astype(leaf.dtype)
@@ -153,7 +154,7 @@ def deit_teacher_init(tmp_path_factory):
     # Centre each head's logits on the training set (as run on the 32x32 inputs), so that the
     # argmax varies between examples.
     teacher = build_teacher(first, **{"distillation.teacher": DEIT_TEACHER})
-    images, _ = eval_views(smoke_config("random"))
+    images, _ = eval_views(smoke_config(""))
     heads = teacher.model.apply(teacher.variables, images, train=False, both_heads=True)
     for head, logits in zip(("head", "head_dist"), heads, strict=True):
         flat["params", head, "bias"] = -np.asarray(logits).mean(0)
@@ -177,7 +178,7 @@ def test_store_holds_the_teachers_logits_of_the_eval_views(store_dir, teacher, t
     assert manifest["num_examples"] == NUM_EXAMPLES and manifest["num_classes"] == NUM_CLASSES
     assert manifest["transform"] == {"name": "eval", "image_size": 32, "crop_ratio": 1.0,
                                      "interpolation": "bicubic"}
-    assert manifest["teacher_fingerprint"] == teacher_logits.variables_fingerprint(
+    assert manifest["teacher_fingerprint"] == teacher_store.variables_fingerprint(
         teacher.variables)
     shard = np.load(store_dir / "shard-00001-of-00004.npz")
     assert shard["values"].dtype == np.float16 and shard["values"].shape == (SHARD, NUM_CLASSES)
@@ -235,7 +236,7 @@ def test_top_k_store_is_the_top_k_of_the_full_logits(store_dir, teacher_init, tm
     kept = np.zeros_like(full, bool)
     np.put_along_axis(kept, top3, True, axis=1)
     np.testing.assert_allclose(got[kept], full[kept], rtol=2e-3, atol=1e-4)
-    assert (got[~kept] == teacher_logits.TOPK_FILL).all()
+    assert (got[~kept] == teacher_store.TOPK_FILL).all()
     # The teacher's distribution renormalised over its top 3 (tau = 1 and the paper's 3).
     for tau in (1.0, 3.0):
         p = np.asarray(jax.nn.softmax(got / tau, axis=-1))
@@ -267,13 +268,13 @@ def test_unfinished_or_absent_store_is_refused(store_dir, tmp_path):
 
 
 def test_training_config_names_the_store(store_dir):
-    config = smoke_config("", **{"distillation.teacher": f"precomputed:{store_dir}",
+    config = smoke_config("", **{"distillation.teacher_logits": str(store_dir),
                                  "dataset.train_split": "other"})
     with pytest.raises(ValueError, match="split 'other'"):
-        teacher_logits.open_for_training(config, num_classes=10, num_examples=NUM_EXAMPLES,
+        teacher_store.open_for_training(config, num_classes=10, num_examples=NUM_EXAMPLES,
                                          image_size=32)
     with pytest.raises(ValueError, match="names no precomputed store"):
-        teacher_logits.open_for_training(smoke_config(""), num_classes=10,
+        teacher_store.open_for_training(smoke_config(""), num_classes=10,
                                          num_examples=NUM_EXAMPLES, image_size=32)
 
 
@@ -344,7 +345,7 @@ def test_crop_top_k_store_matches_the_full_crop_store(crop_store_dir, teacher_in
     ids = np.repeat(np.arange(NUM_EXAMPLES), VIEWS)
     views = np.tile(np.arange(VIEWS), NUM_EXAMPLES)
     got, want = top.lookup(ids, views), full.lookup(ids, views)
-    kept = got != teacher_logits.TOPK_FILL
+    kept = got != teacher_store.TOPK_FILL
     assert (kept.sum(1) == 2).all()
     np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
     np.testing.assert_allclose(got[kept], want[kept], rtol=2e-3, atol=1e-4)
@@ -353,12 +354,12 @@ def test_crop_top_k_store_matches_the_full_crop_store(crop_store_dir, teacher_in
 
 def test_training_replays_the_stored_views(crop_store_dir, teacher, teacher_init):
     config = smoke_config(teacher_init, **CROPS,
-                          **{"distillation.teacher": f"precomputed:{crop_store_dir}"})
-    store = teacher_logits.open_for_training(config, num_classes=10, num_examples=NUM_EXAMPLES,
+                          **{"distillation.teacher_logits": str(crop_store_dir)})
+    store = teacher_store.open_for_training(config, num_classes=10, num_examples=NUM_EXAMPLES,
                                              image_size=32)
     source = input_pipeline.synthetic("train", NUM_EXAMPLES, NUM_CLASSES, 32)
     layout = input_pipeline.Layout.current(config.batch_size)
-    batches = teacher_logits.attach(input_pipeline.train_batches(
+    batches = teacher_store.attach(input_pipeline.train_batches(
         config, source, layout, image_size=32, crops=store.crops), store)
     steps_per_epoch = NUM_EXAMPLES // config.batch_size
     epochs = [next(batches) for _ in range(2 * steps_per_epoch)]
@@ -450,10 +451,10 @@ def test_precomputed_step_equals_on_the_fly_step_on_the_same_views(
     teacher = build_teacher(init, **overrides)
     source = input_pipeline.synthetic("train", NUM_EXAMPLES, NUM_CLASSES, 32)
     layout = input_pipeline.Layout.current(config.batch_size)
-    store = teacher_logits.open_for_training(
-        smoke_config(init, **{**overrides, "distillation.teacher": f"precomputed:{store_dir}"}),
+    store = teacher_store.open_for_training(
+        smoke_config(init, **{**overrides, "distillation.teacher_logits": str(store_dir)}),
         num_classes=10, num_examples=NUM_EXAMPLES, image_size=32)
-    batches = teacher_logits.attach(input_pipeline.train_batches(
+    batches = teacher_store.attach(input_pipeline.train_batches(
         config, source, layout, image_size=32, crops=store.crops), store)
     batch = next(batches)
     assert batch["teacher_logits"].shape == (8, 4, NUM_CLASSES)
@@ -463,9 +464,9 @@ def test_precomputed_step_equals_on_the_fly_step_on_the_same_views(
         np.testing.assert_array_equal(batch["image"].reshape(-1, 32, 32, 3),
                                       images[batch["index"].reshape(-1)])
 
-    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
+    model = models.from_config(config, 10)[0]
     tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=8)
-    state = steps.create_train_state(config, model, tx, jax.random.key(0), 32)
+    state = steps.create_train_state(model, tx, jax.random.key(0), 32, ema=config.ema.enabled)
     # A fresh student predicts ~uniformly, and KL(teacher || uniform) hardly depends on which
     # example's teacher row is used; a confident dist head makes the loss depend on it.
     params = flax.core.unfreeze(state.params)
@@ -473,8 +474,8 @@ def test_precomputed_step_equals_on_the_fly_step_on_the_same_views(
     state = jax_utils.replicate(state.replace(params=params))
 
     def p_train_step(teacher):
-        return jax.pmap(functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx,
-                                          lr_fn=lr_fn, config=config), axis_name=steps.AXIS)
+        return jax.pmap(steps.train_step_from_config(config, model=model, teacher=teacher,
+                                                     tx=tx, lr_fn=lr_fn), axis_name=steps.AXIS)
 
     _, fly = p_train_step(teacher)(
         state, {k: v for k, v in batch.items() if k not in ("teacher_logits", "view")},

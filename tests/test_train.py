@@ -14,7 +14,8 @@ import pytest
 from flax import jax_utils
 
 from configs import deit_ti
-from deit_jax import checkpoint, input_pipeline, models, optim, steps, train
+from deit_jax import checkpoint, input_pipeline, models, optim, pretrained, steps, train
+from deit_jax.teacher import build_teacher
 
 
 def smoke_config(**overrides):
@@ -27,10 +28,10 @@ def smoke_config(**overrides):
 
 def _step_on(devices, config, state, teacher, teacher_vars, images, labels):
     """One pmapped train step of the global batch split over ``devices``."""
-    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
+    model = models.from_config(config, 10)[0]
     tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=10)
-    p_step = jax.pmap(functools.partial(steps.train_step, model=model, teacher=teacher, tx=tx,
-                                        lr_fn=lr_fn, config=config),
+    p_step = jax.pmap(steps.train_step_from_config(config, model=model, teacher=teacher, tx=tx,
+                                                   lr_fn=lr_fn),
                       axis_name="batch", devices=devices)
     n = len(devices)
     batch = {"image": images.reshape(n, -1, *images.shape[1:]), "label": labels.reshape(n, -1)}
@@ -46,10 +47,10 @@ def test_8_devices_equal_1_device_on_the_same_global_batch():
     # here; drop path is per-sample randomness of its own, also off. Hard distillation on.
     config = smoke_config(**{"mixup.mixup_alpha": 0.0, "mixup.cutmix_alpha": 0.0,
                              "model.drop_path_rate": 0.0})
-    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
+    model = models.from_config(config, 10)[0]
     tx, _ = optim.create_optimizer(config, steps_per_epoch=10)
-    state = steps.create_train_state(config, model, tx, jax.random.key(0), 32)
-    teacher = train.build_teacher(config, model, 10, 32)
+    state = steps.create_train_state(model, tx, jax.random.key(0), 32, ema=config.ema.enabled)
+    teacher = build_teacher(config, model, 10, 32)
     rng = np.random.RandomState(0)
     images = rng.randn(32, 32, 32, 3).astype(np.float32)
     labels = rng.randint(0, 10, 32).astype(np.int32)
@@ -88,8 +89,8 @@ def test_tiny_run_learns_and_resume_is_bit_identical(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
 
     # The teacher is not in the checkpoint: exactly the student's parameters are.
-    model = models.create_model(full.model.name, **steps.model_overrides(full, 10))
-    n_student = sum(x.size for x in jax.tree.leaves(steps.init_variables(
+    model = models.from_config(full, 10)[0]
+    n_student = sum(x.size for x in jax.tree.leaves(models.init_variables(
         model, jax.random.key(0), 32)["params"]))
     assert sum(x.size for x in jax.tree.leaves(resumed["params"])) == n_student
     assert set(resumed) == {"step", "params", "opt_state", "batch_stats", "ema_params", "rng"}
@@ -129,8 +130,8 @@ def test_eval_covers_every_example_once():
 
 def test_eval_only_matches_a_direct_computation(tmp_path):
     config = smoke_config(**{"distillation.kind": "none"})
-    model = models.create_model(config.model.name, **steps.model_overrides(config, 10))
-    variables = steps.init_variables(model, jax.random.key(5), 32)
+    model = models.from_config(config, 10)[0]
+    variables = models.init_variables(model, jax.random.key(5), 32)
     checkpoint.save_variables(str(tmp_path / "ckpt"), variables, {"model": config.model.name})
     config = smoke_config(**{"distillation.kind": "none", "eval_only": True,
                              "init_from": str(tmp_path / "ckpt")})
@@ -150,9 +151,9 @@ def test_init_from_resamples_pos_embed_and_reinitialises_heads():
                                 depth=1, num_classes=10)
     big = models.create_model("deit_tiny_distilled_patch16_224", img_size=48, patch_size=8,
                               depth=1, num_classes=5)
-    src = steps.init_variables(small, jax.random.key(0), 32)["params"]
-    dst = steps.init_variables(big, jax.random.key(1), 48)["params"]
-    out = train.adapt_pretrained(src, dst, big)
+    src = models.init_variables(small, jax.random.key(0), 32)["params"]
+    dst = models.init_variables(big, jax.random.key(1), 48)["params"]
+    out = pretrained.adapt_params(src, dst, big)
     assert out["pos_embed"].shape == (1, 2 + 36, 192)
     np.testing.assert_array_equal(out["head"]["kernel"], dst["head"]["kernel"])
     np.testing.assert_array_equal(out["blocks_0"]["attn"]["qkv"]["kernel"],
@@ -160,13 +161,14 @@ def test_init_from_resamples_pos_embed_and_reinitialises_heads():
     deeper = models.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8,
                                  depth=2, num_classes=10)
     with pytest.raises(ValueError, match="blocks_1"):
-        train.adapt_pretrained(src, steps.init_variables(deeper, jax.random.key(0), 32)[
+        pretrained.adapt_params(src, models.init_variables(deeper, jax.random.key(0), 32)[
             "params"], deeper)
 
 
 @pytest.mark.parametrize("overrides,error,match", [
     ({"batch_size": 30}, ValueError, "divisible"),
-    ({"distillation.teacher_init": ""}, ValueError, "teacher_init"),
+    ({"distillation.teacher_init": "", "distillation.random_teacher": False}, ValueError,
+     "teacher_init"),
     ({"model.name": "deit_tiny_patch16_224"}, ValueError, "dist token"),
     ({"init_from": "/nonexistent/ckpt"}, FileNotFoundError, "neither"),
     ({"distillation.teacher_init": "/nonexistent/teacher"}, FileNotFoundError, "neither"),
@@ -191,7 +193,7 @@ def test_dataset_class_count_mismatch(tmp_path):
 
 def test_teacher_class_count_mismatch(tmp_path):
     teacher = models.create_model("regnety_002", num_classes=5)
-    checkpoint.save_variables(str(tmp_path / "t"), steps.init_variables(
+    checkpoint.save_variables(str(tmp_path / "t"), models.init_variables(
         teacher, jax.random.key(0), 32))
     config = smoke_config(**{"distillation.teacher_init": str(tmp_path / "t")})
     with pytest.raises(ValueError, match="5 classes, the student 10"):

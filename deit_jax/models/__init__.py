@@ -8,13 +8,25 @@ with float32 ``[batch, height, width, 3]`` normalised images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import flax
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 
 from deit_jax.models import regnet
 from deit_jax.models.deit3 import DeiT3
 from deit_jax.models.vit import VisionTransformer
+
+# The pmap axis every step runs over; BatchNorm (RegNetY) averages its statistics across it.
+AXIS = "batch"
+# The ``config.model`` architecture fields a DeiT model can override (None: the registry's).
+ARCH_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+# The input resolution of a model without an ``img_size`` field (RegNetY) and no override.
+DEFAULT_IMAGE_SIZE = 224
 
 _TI = dict(embed_dim=192, num_heads=3)
 _S = dict(embed_dim=384, num_heads=6)
@@ -92,3 +104,41 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for {name}; valid: {sorted(fields)}")
     return cls(**{**base, **overrides})
+
+
+def from_config(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn.Module, int]:
+    """The model ``config.model`` describes, predicting ``num_classes``, and its input size.
+
+    DeiT models take ``config.model``'s architecture fields that are set (None keeps the
+    registry's value), its drop path rate and attention implementation; RegNetY models average
+    BatchNorm statistics across devices. The image size is the model's ``img_size`` (DeiT) or
+    ``config.model.img_size`` (default 224).
+    """
+    c = config.model
+    overrides: dict[str, Any] = dict(num_classes=num_classes, dtype=jnp.dtype(c.dtype))
+    if is_deit(c.name):
+        overrides["drop_path_rate"] = c.drop_path_rate
+        overrides["attention_impl"] = None if c.attention_impl == "xla" else c.attention_impl
+        overrides.update({k: c[k] for k in ARCH_FIELDS if c[k] is not None})
+    else:
+        overrides["bn_axis_name"] = AXIS
+    model = create_model(c.name, **overrides)
+    return model, getattr(model, "img_size", None) or c.img_size or DEFAULT_IMAGE_SIZE
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
+    """Initial variables for ``[1, image_size, image_size, 3]`` images."""
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return flax.core.unfreeze(jax.jit(functools.partial(model.init, train=False))(rng, images))
+
+
+def variable_shapes(model: nn.Module, image_size: int) -> dict:
+    """The shapes and dtypes ``init_variables`` would give, without computing anything."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return flax.core.unfreeze(jax.eval_shape(functools.partial(model.init, train=False),
+                                             jax.random.key(0), images))
+
+
+def is_distilled(model: nn.Module) -> bool:
+    """True for a student with a dist token (and its ``head_dist``)."""
+    return bool(getattr(model, "distilled", False))
