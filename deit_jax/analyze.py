@@ -38,7 +38,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 
-from deit_jax import input_pipeline, models, steps  # noqa: E402
+from deit_jax import input_pipeline, models, pretrained  # noqa: E402
 
 HEADS = ("cls", "dist", "fused")
 
@@ -86,7 +86,7 @@ def forward(model, variables: dict, images: jax.Array) -> dict[str, jax.Array]:
     prefix = model.num_prefix_tokens
     result = {"last_attn": attention[-1].mean(axis=1)[:, :prefix, prefix:],
               "rollout": attention_rollout(attention)[:, :prefix, prefix:]}
-    if steps.is_distilled(model):
+    if models.is_distilled(model):
         cls_logits, dist_logits = out
         result.update(cls=cls_logits, dist=dist_logits, fused=(cls_logits + dist_logits) / 2,
                       cosine=cosine(tokens[:, :, 0], tokens[:, :, 1]))
@@ -258,14 +258,12 @@ def to_json(figures: dict[str, Any]) -> dict[str, Any]:
 def load_teacher(config: ml_collections.ConfigDict, teacher_init: str, num_classes: int,
                  image_size: int):
     """The teacher ``config.distillation.teacher`` with the variables of ``teacher_init``."""
-    from deit_jax import train
-
     name = config.distillation.teacher
     overrides = {"num_classes": num_classes}
     if models.is_deit(name):
         overrides["img_size"] = image_size
     model = models.create_model(name, **overrides)
-    variables = train.load_pretrained(teacher_init)
+    variables = pretrained.load(teacher_init)
     return model, variables
 
 
@@ -273,17 +271,13 @@ def run(config: ml_collections.ConfigDict, *, weights: str, out_dir: str = "",
         teacher_init: str = "", max_examples: int = 0, num_maps: int = 4) -> dict[str, Any]:
     """Loads the model of ``config`` with the variables at ``weights`` (a training workdir or
     a converted checkpoint), analyses the eval split; writes JSON and plots when ``out_dir``."""
-    from deit_jax import train
-
     if not models.is_deit(config.model.name):
         raise ValueError(f"analyze needs a DeiT model; the config's is {config.model.name}")
-    probe = models.create_model(config.model.name, **steps.model_overrides(config, 1))
-    image_size = steps.image_size_of(probe, config)
+    _, image_size = models.from_config(config, 1)
     source = input_pipeline.get_source(config, "eval", image_size)
-    model = models.create_model(config.model.name,
-                                **steps.model_overrides(config, source.num_classes))
-    variables = {"params": train.load_pretrained(weights)["params"]}
-    shapes = steps.variable_shapes(model, image_size)["params"]
+    model, _ = models.from_config(config, source.num_classes)
+    variables = {"params": pretrained.load(weights)["params"]}
+    shapes = models.variable_shapes(model, image_size)["params"]
     got = jax.tree.map(np.shape, variables["params"])
     if jax.tree.map(lambda s: s.shape, shapes) != got:
         raise ValueError(f"the variables in {weights} do not fit {config.model.name} as "
