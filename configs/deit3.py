@@ -1,4 +1,4 @@
-"""The packaged config deit_jax/configs/deit3.py (its docstring holds the commands and results).
+"""Loads deit_jax/configs/deit3.py, the packaged config (its docstring: commands, results).
 
 Kept here so that `--config=configs/deit3.py[:variant]` works from the repository root.
 """

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -321,7 +322,8 @@ def main(argv):
         print(f"wrote {FLAGS.out}/analysis.json and {', '.join(figures['plots'])}")
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The console entry point ``deit-analyze`` (= ``python -m deit_jax.analyze``)."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -335,4 +337,10 @@ if __name__ == "__main__":
     flags.DEFINE_integer("max_examples", 0, "Analyse at most this many eval images (0: all).")
     flags.DEFINE_integer("num_maps", 4, "Images whose attention maps are plotted.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from deit_jax import cli
+
+    app.run(main, argv=cli.resolve_config_argv(sys.argv))
+
+
+if __name__ == "__main__":
+    console()

@@ -29,8 +29,8 @@ def run(workdir: str, teacher_epochs: float = 0.0, student_epochs: float = 0.0) 
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    from configs import quickstart
     from deit_jax import analyze, train
+    from deit_jax.configs import quickstart
 
     train.quiet_library_logs()
 
@@ -96,7 +96,12 @@ def main(argv):
     print(format_table(results), flush=True)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The console entry point ``deit-quickstart``."""
     from deit_jax.errors import exit_on_user_error
 
     app.run(exit_on_user_error(main))
+
+
+if __name__ == "__main__":
+    console()

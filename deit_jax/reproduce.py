@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from configs import study  # noqa: E402
+from deit_jax.configs import study  # noqa: E402
 
 # What each cell needs before it can run.
 TEACHER_OF = {"soft": "teacher_cnn", "hard": "teacher_cnn", "hard_deit": "teacher_deit"}
@@ -215,5 +215,10 @@ def main(argv):
         print(f.read(), flush=True)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The console entry point ``deit-reproduce``."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    console()

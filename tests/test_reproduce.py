@@ -22,7 +22,7 @@ def test_study_configs_per_cell():
                                                                   "deit_fmnist_patch7_28")
     assert study.get_config("cell=cls2").distillation.kind == "cls2"
     teacher = study.get_config("role=teacher_deit")
-    assert teacher.model.name == "deit_fmnist_patch7_28" and teacher.model.embed_dim == 0
+    assert teacher.model.name == "deit_fmnist_patch7_28" and teacher.model.embed_dim is None
     assert study.get_config("train_size=600").dataset.train_split == "train[:600]"
     with pytest.raises(ValueError, match="cell must be one of"):
         study.get_config("cell=bogus")
