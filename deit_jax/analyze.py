@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -339,7 +338,7 @@ def console() -> None:
     flags.mark_flags_as_required(["config"])
     from deit_jax import cli
 
-    app.run(main, argv=cli.resolve_config_argv(sys.argv))
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -67,12 +67,30 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 def run(main: Callable[[list[str]], object], define: Callable[..., object] | None = None
         ) -> None:
     """Runs a command line: ``define(flags.FLAGS, argv)`` its flags, parse ``sys.argv``, and
-    call ``main(argv)`` with user errors as one line and exit status 2."""
+    call ``main(argv)`` with user errors as one line and exit status 2.
+
+    ``--help`` prints the docstring of ``main``'s module and the command's own flags (not
+    absl's) and exits 0, also from a console script, whose ``__main__`` is a stub.
+    """
     argv = resolve_config_argv(sys.argv)
     sys.argv[:] = argv  # ml_collections reads --config.KEY=VALUE overrides from sys.argv
     if define is not None:
         define(flags.FLAGS, argv)
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print(command_help(sys.modules[main.__module__].__doc__ or "", flags.FLAGS), flush=True)
+        raise SystemExit(0)
     app.run(errors.exit_on_user_error(main), argv=argv, flags_parser=parse_flags)
+
+
+def command_help(doc: str, flag_values: flags.FlagValues) -> str:
+    """``doc`` and the help of every flag not defined by absl itself."""
+    parts = [doc.strip(), "", "flags:"]
+    for module, module_flags in sorted(flag_values.flags_by_module_dict().items()):
+        if module.startswith("absl."):
+            continue
+        for flag in sorted(module_flags, key=lambda f: f.name):
+            parts.append(f"  --{flag.name}: {flag.help} (default: {flag.default!r})")
+    return "\n".join(parts)
 
 
 def parse(define: Callable[[flags.FlagValues, list[str]], object], argv: Sequence[str],
@@ -85,7 +103,7 @@ def parse(define: Callable[[flags.FlagValues, list[str]], object], argv: Sequenc
     flag_values = flags.FlagValues()
     define(flag_values, full)
     if any(a in HELP_FLAGS for a in full[1:]):
-        print(f"{doc.strip()}\n\nflags:\n{flag_values.get_help()}", flush=True)
+        print(command_help(doc, flag_values), flush=True)
         raise SystemExit(0)
     parse_flags(full, flag_values)
     return flag_values

@@ -16,7 +16,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/quickstart", "Where both runs write.")
@@ -98,9 +98,9 @@ def main(argv):
 
 def console() -> None:
     """The console entry point ``deit-quickstart``."""
-    from deit_jax.errors import exit_on_user_error
+    from deit_jax import cli
 
-    app.run(exit_on_user_error(main))
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from deit_jax.configs import study  # noqa: E402
 
@@ -217,7 +217,9 @@ def main(argv):
 
 def console() -> None:
     """The console entry point ``deit-reproduce``."""
-    app.run(main)
+    from deit_jax import cli
+
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -90,10 +90,11 @@ def test_flop_formula_matches_the_paper():
 def test_build_config_teacher_sets_hard_distillation():
     c = benchmark.build_config("deit_tiny_distilled_patch16_224", 64, teacher="regnety_002")
     assert (c.distillation.kind, c.distillation.teacher) == ("hard", "regnety_002")
-    assert c.distillation.teacher_init == "random" and c.mixup.prob == 1.0
+    assert c.distillation.random_teacher and c.mixup.prob == 1.0
     assert benchmark.build_config("deit_tiny_patch16_224", 64).distillation.kind == "none"
     pre = benchmark.build_config("deit_tiny_distilled_patch16_224", 64, teacher="precomputed")
-    assert pre.distillation.kind == "hard" and pre.distillation.teacher.startswith("precomputed:")
+    assert pre.distillation.kind == "hard"
+    assert pre.distillation.teacher_logits == benchmark.SYNTHETIC_LOGITS
 
 
 def test_import_pulls_in_no_tensorflow_or_torch():
