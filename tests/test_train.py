@@ -211,3 +211,20 @@ def test_unknown_config_key_on_the_command_line(tmp_path):
 def test_flax_state_has_no_teacher():
     fields = {f.name for f in flax.struct.dataclasses.fields(steps.TrainState)}
     assert fields == {"step", "params", "opt_state", "batch_stats", "ema_params", "rng"}
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"distillation.teacher": "precomputed:/data/logits"},
+     r"old spelling.*--config\.distillation\.teacher_logits=/data/logits"),
+    ({"distillation.teacher_init": "random"}, r"--config\.distillation\.random_teacher=True"),
+])
+def test_old_teacher_spellings_name_the_new_fields(tmp_path, overrides, match):
+    from deit_jax import teacher_logits
+    from deit_jax.errors import ConfigError
+
+    config = smoke_config(**overrides)
+    with pytest.raises(ConfigError, match=match):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=match):
+        teacher_logits.write_teacher_logits(config, str(tmp_path / "store"))
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "store").exists()
