@@ -55,7 +55,7 @@ def main() -> None:
         c.max_steps = a.steps
         c.log_every_steps = max(a.steps // 6, 1)
         c.checkpoint_every_steps = 10 * a.steps
-        c.distillation.teacher_init = "random"
+        c.distillation.random_teacher = True
         c.update_from_flattened_dict(overrides)
         c.lock()
         return c
@@ -75,7 +75,7 @@ def main() -> None:
         rows.append({"mode": f"write store:{name}", "teacher": teachers[0], "views": views,
                      "seconds": seconds, "teacher_images_per_sec": n * max(views, 1) / seconds})
         stores[name] = out
-        runs[f"precomputed:{name}"] = config(**{"distillation.teacher": "precomputed:" + out})
+        runs[f"precomputed:{name}"] = config(**{"distillation.teacher_logits": out})
     for name, c in runs.items():
         t0 = time.time()
         results = train.train_and_evaluate(c, os.path.join(a.out, name.replace(":", "_")))
