@@ -86,7 +86,7 @@ def open_training_data(config: ml_collections.ConfigDict):
 
     Returns ``(model, image_size, train_source)``; the model predicts the source's classes.
     """
-    _, image_size = models.from_config(config, 1)  # the size does not depend on the classes
+    image_size = models.image_size(config)
     train_source = input_pipeline.get_source(config, "train", image_size)
     num_classes = train_source.num_classes
     if config.dataset.num_classes and config.dataset.num_classes != num_classes:

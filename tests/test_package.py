@@ -113,10 +113,12 @@ def _install(venv: Path, source: Path, *args: str) -> None:
 
 
 def _copy_repo(tmp_path: Path) -> Path:
-    """The files git tracks (or would), without build outputs, in a fresh directory."""
+    """What the build reads (pyproject.toml, README.md, requirements.txt, deit_jax/), in a fresh
+    directory: the checkout stays free of build outputs."""
     dst = tmp_path / "src"
-    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
-        ".git", "__pycache__", "*.egg-info", "build", "tests", "workdirs", ".*cache"))
+    shutil.copytree(PACKAGE, dst / "deit_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "requirements.txt"):
+        shutil.copy(ROOT / name, dst / name)
     return dst
 
 

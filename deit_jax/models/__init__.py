@@ -122,8 +122,15 @@ def from_config(config: ml_collections.ConfigDict, num_classes: int) -> tuple[nn
         overrides.update({k: c[k] for k in ARCH_FIELDS if c[k] is not None})
     else:
         overrides["bn_axis_name"] = AXIS
-    model = create_model(c.name, **overrides)
-    return model, getattr(model, "img_size", None) or c.img_size or DEFAULT_IMAGE_SIZE
+    return create_model(c.name, **overrides), image_size(config)
+
+
+def image_size(config: ml_collections.ConfigDict) -> int:
+    """The input resolution of ``config.model``: its ``img_size`` when set, else the registry's
+    (DeiT names), else 224; what ``from_config``'s model is built for, without building it."""
+    c = config.model
+    registry = DEIT_CONFIGS.get(c.name) or DEIT3_CONFIGS.get(c.name) or {}
+    return c.img_size or registry.get("img_size") or DEFAULT_IMAGE_SIZE
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
