@@ -273,7 +273,7 @@ def run(config: ml_collections.ConfigDict, *, weights: str, out_dir: str = "",
     a converted checkpoint), analyses the eval split; writes JSON and plots when ``out_dir``."""
     if not models.is_deit(config.model.name):
         raise ValueError(f"analyze needs a DeiT model; the config's is {config.model.name}")
-    _, image_size = models.from_config(config, 1)
+    image_size = models.image_size(config)
     source = input_pipeline.get_source(config, "eval", image_size)
     model, _ = models.from_config(config, source.num_classes)
     variables = {"params": pretrained.load(weights)["params"]}
