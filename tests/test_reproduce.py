@@ -75,3 +75,21 @@ def test_quickstart_teacher_is_regnety_002_without_its_last_stage():
     assert model.apply(variables, jnp.ones((2, 28, 28, 3)), train=False).shape == (2, 10)
     with pytest.raises(ValueError, match="unknown override"):
         models.create_model("regnety_002_3stage", img_size=28)
+
+
+def test_pieces_of_the_grid_merge_into_one_table(tmp_path):
+    workdir = str(tmp_path)
+    first = {"run": "hard_seed0", "cell": "hard", "seed": 0, "top1_fused": 80.0,
+             "train_size": 600}
+    reproduce.write_outputs(workdir, [first], 600)
+    path = os.path.join(workdir, "results.jsonl")
+    again = dict(first, top1_fused=82.0)  # the same run measured again replaces its row
+    other = {"run": "hard_seed1", "cell": "hard", "seed": 1, "top1_fused": 86.0,
+             "train_size": 600}
+    merged = reproduce.merge_rows(reproduce.load_rows(path), [again, other])
+    assert [r["top1_fused"] for r in merged] == [82.0, 86.0]
+    text = reproduce.write_outputs(workdir, merged, 600)
+    assert "| hard | 2 | - | - | 84.00 ± 2.83 |" in text
+    assert len(reproduce.load_rows(path)) == 2
+    with pytest.raises(ValueError, match="new --workdir"):
+        reproduce.merge_rows(merged, [dict(other, run="none_seed0", train_size=6000)])
