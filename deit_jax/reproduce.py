@@ -52,7 +52,7 @@ def run_teacher(workdir: str, role: str, *, train_size: int, epochs: float = 0.0
     t0 = time.time()
     results = train.train_and_evaluate(_config(arg), os.path.join(workdir, role))
     return {"run": role, "cell": role, "seed": 0, "top1_cls": results["eval/top1_cls"],
-            "seconds": time.time() - t0}
+            "seconds": time.time() - t0, "epochs": float(_config(arg).num_epochs)}
 
 
 def run_student(workdir: str, cell: str, seed: int, *, train_size: int, epochs: float = 0.0,
@@ -77,7 +77,8 @@ def run_student(workdir: str, cell: str, seed: int, *, train_size: int, epochs: 
     else:
         cnn = ""  # no convnet teacher trained (a lone none/cls2 cell): no agreement figure
     figures = analyze.run(config, weights=run_dir, teacher_init=cnn, num_maps=0)
-    row = {"run": name, "cell": cell, "seed": seed, "seconds": seconds}
+    row = {"run": name, "cell": cell, "seed": seed, "seconds": seconds,
+           "epochs": float(config.num_epochs)}
     for head, value in figures["top1"].items():
         if head != "teacher":
             row[f"top1_{head}"] = value
@@ -171,13 +172,18 @@ def load_rows(path: str) -> list[dict]:
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     """``old`` with each run of ``new`` replacing the row of the same name, new runs appended.
 
-    Rows carry the ``train_size`` they were trained on; mixing regimes in one table (or one
-    workdir, whose run directories are named by cell and seed only) raises ValueError.
+    Rows carry the ``train_size`` and ``epochs`` they were trained with; mixing regimes in one
+    table (or one workdir, whose run directories are named by cell and seed only) raises
+    ValueError.
     """
-    sizes = {r["train_size"] for r in old + new if "train_size" in r}
-    if len(sizes) > 1:
-        raise ValueError(f"results of different --train_size {sorted(sizes)} in one workdir; "
-                         "use a new --workdir per training-set size")
+    rows = old + new
+    sizes = {r["train_size"] for r in rows if "train_size" in r}
+    student_epochs = {r["epochs"] for r in rows
+                      if "epochs" in r and not r["cell"].startswith("teacher")}
+    if len(sizes) > 1 or len(student_epochs) > 1:
+        raise ValueError(f"results of different --train_size {sorted(sizes)} or student epochs "
+                         f"{sorted(student_epochs)} in one workdir; use a new --workdir per "
+                         "regime")
     merged = {r["run"]: r for r in old}
     merged.update({r["run"]: r for r in new})
     return list(merged.values())

@@ -47,6 +47,7 @@ def test_one_cell_on_a_tiny_budget_writes_its_row(tmp_path):
     rows = reproduce.run(workdir, cells=("cls2",), seeds=1, smoke=True, student_epochs=2.0)
     assert [r["run"] for r in rows] == ["cls2_seed0"]
     row = rows[0]
+    assert (row["epochs"], row["train_size"]) == (2.0, 6000)
     for key in ("top1_cls", "top1_dist", "top1_fused"):
         assert 0.0 <= row[key] <= 100.0
     assert -1.0 <= row["cos_last"] <= 1.0 and len(row["cos_layers"]) == 5  # input + 4 blocks
@@ -93,3 +94,5 @@ def test_pieces_of_the_grid_merge_into_one_table(tmp_path):
     assert len(reproduce.load_rows(path)) == 2
     with pytest.raises(ValueError, match="new --workdir"):
         reproduce.merge_rows(merged, [dict(other, run="none_seed0", train_size=6000)])
+    with pytest.raises(ValueError, match="student epochs"):
+        reproduce.merge_rows([dict(first, epochs=30.0)], [dict(other, epochs=10.0)])
