@@ -237,6 +237,10 @@ def run(workdir: str, *, cells: tuple[str, ...] = study.CELLS, seeds: int = 3,
         write_outputs(workdir, merge_rows(load_rows(results_path), [row]), train_size)
 
     for role in dict.fromkeys(TEACHER_OF[c] for c in cells if c in TEACHER_OF):
+        earlier = {r["run"]: r for r in load_rows(results_path)}.get(role)
+        if earlier and os.path.exists(os.path.join(workdir, role, "DONE")):
+            rows.append(earlier)  # trained by an earlier piece: keep its row and wall time
+            continue
         record(run_teacher(workdir, role, train_size=train_size, epochs=teacher_epochs,
                            smoke=smoke))
     for cell in cells:

@@ -96,3 +96,24 @@ def test_pieces_of_the_grid_merge_into_one_table(tmp_path):
         reproduce.merge_rows(merged, [dict(other, run="none_seed0", train_size=6000)])
     with pytest.raises(ValueError, match="student epochs"):
         reproduce.merge_rows([dict(first, epochs=30.0)], [dict(other, epochs=10.0)])
+
+
+def test_a_later_piece_keeps_the_finished_teachers_row(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    os.makedirs(os.path.join(workdir, "teacher_cnn"))
+    open(os.path.join(workdir, "teacher_cnn", "DONE"), "w").write("690")
+    teacher = {"run": "teacher_cnn", "cell": "teacher_cnn", "seed": 0, "top1_cls": 84.0,
+               "seconds": 405.0, "train_size": 600}
+    reproduce.write_outputs(workdir, [teacher], 600)
+
+    def no_teacher_run(*args, **kwargs):
+        raise AssertionError("a finished teacher must not be rerun")
+
+    monkeypatch.setattr(reproduce, "run_teacher", no_teacher_run)
+    monkeypatch.setattr(reproduce, "run_student", lambda workdir, cell, seed, **kw: {
+        "run": f"{cell}_seed{seed}", "cell": cell, "seed": seed, "top1_fused": 80.0 + seed})
+    rows = reproduce.run(workdir, cells=("soft",), seeds=2, first_seed=1, train_size=600)
+    assert [r["run"] for r in rows] == ["teacher_cnn", "soft_seed1", "soft_seed2"]
+    saved = reproduce.load_rows(os.path.join(workdir, "results.jsonl"))
+    assert saved[0]["seconds"] == 405.0 and len(saved) == 3
+    assert "| soft | 2 | - | - | 81.50 ± 0.71 |" in open(os.path.join(workdir, "table.md")).read()
