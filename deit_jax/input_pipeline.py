@@ -46,6 +46,7 @@ from deit_jax.data_sources import (  # noqa: F401 - re-exported: train.py reads 
     synthetic,
     tfds_source,
 )
+from deit_jax.errors import ConfigError
 
 # Training: how many examples (the planned one, then the next ones in the split) are tried
 # before a run gives up. Several consecutive bad files mean unreadable storage, not a few
@@ -308,7 +309,8 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
 
     resize = aug.get("host_resize", "pil")
     if resize not in host_aug.HOST_RESIZE:
-        raise ValueError(f"aug.host_resize={resize!r}; expected one of {host_aug.HOST_RESIZE}")
+        raise ConfigError(f"aug.host_resize={resize!r}; set --config.aug.host_resize to one "
+                          f"of {host_aug.HOST_RESIZE}")
     # Crop-aware decoding (a JPEG decodes only its crop's window; the same pixels): for the
     # RandomResizedCrop recipes of sources that hand over encoded bytes.
     crop_aware = source.load_encoded is not None and not aug.three_augment

@@ -14,6 +14,7 @@ from PIL import Image
 from configs import common
 from deit_jax import augment, data_sources
 from deit_jax import input_pipeline as ip
+from deit_jax.errors import ConfigError
 
 
 def _smooth_image(rng, shape=(61, 83), noise=40):
@@ -156,3 +157,12 @@ def test_fast_resize_equals_pil_when_upscaling_and_is_close_when_downscaling():
     assert np.abs(fast - exact).max() > 1  # and 'fast' really is a different resize
     with pytest.raises(ValueError, match="host_resize"):
         augment.crop_flip(image, view, size=64, resize="lanczos")
+
+
+def test_unknown_host_resize_is_a_config_error_before_any_decoding(jpeg_folder):
+    config = common.base_config()
+    config.aug.ra_multiple = 1
+    config.aug.host_resize = "lanczos"
+    source = ip.image_folder(os.path.join(jpeg_folder, "train"))
+    with pytest.raises(ConfigError, match="--config.aug.host_resize"):
+        ip.train_batches(config, source, ip.Layout(4, 0, 1, 2), image_size=24)
