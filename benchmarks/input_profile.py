@@ -3,10 +3,12 @@
     taskset -c 1 python benchmarks/input_profile.py --data_dir=ROOT [--images=256]
 
 Runs tf.data pipelines over the same ImageFolder files, each adding one stage of the training
-transform (read + decode, RandomResizedCrop + flip, RandAugment, normalise, random erasing),
-then the real ``input_pipeline.train_batches`` (corrupt-file fallback, batching) for both
-values of ``aug.on_device``; prints a JSON line per pipeline and a table of the CPU ms per
-image (process CPU time, all threads) and each stage's share (the difference to the previous).
+transform (read + decode, whole then crop-aware, RandomResizedCrop + flip, RandAugment,
+normalise, random erasing; the 'fast' crop resize on its own), then the real
+``input_pipeline.train_batches`` (corrupt-file fallback, batching) for both values of
+``aug.on_device`` (and both ``aug.host_resize`` on the device path); prints a JSON line per
+pipeline and a table of the CPU ms per image (process CPU time, all threads) and each stage's
+share (the difference to the previous).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
-from deit_jax import input_pipeline  # noqa: E402
+from deit_jax import data_sources, input_pipeline  # noqa: E402
 from deit_jax.augment import erasing, host, policy, randaugment  # noqa: E402
 
 SIZE = 224
@@ -34,8 +36,13 @@ def _stages(seed_of):
     def decode(source):
         return lambda i: input_pipeline.load_example(source, i)["image"]
 
-    def crop(source):
-        return lambda i: host.train_crop(decode(source)(i), seed_of(i), img_size=SIZE)
+    def crop_decode(source):  # crop-aware: only the crop's window of a JPEG is decoded
+        return lambda i: data_sources.decode_crop(
+            source.load_encoded(i)["encoded"],
+            lambda h, w: host.train_view(seed_of(i), h, w))
+
+    def crop(source, resize="pil"):
+        return lambda i: host.crop_flip(*crop_decode(source)(i), size=SIZE, resize=resize)
 
     def rand_aug(source):
         return lambda i: randaugment.rand_augment(crop(source)(i), seed_of(i), **ra)
@@ -46,11 +53,16 @@ def _stages(seed_of):
     def erase(source):
         return lambda i: erasing.random_erasing(normalise(source)(i), seed_of(i), prob=0.25)
 
-    def decode_only(source):  # the decoded size, so that unequal images batch
-        return lambda i: tf.shape(decode(source)(i))
+    def shape_of(stage):  # the decoded size only, so that unequal images batch
+        return lambda source: lambda i: tf.shape(stage(source)(i)[0] if stage is crop_decode
+                                                 else stage(source)(i))
 
-    return {"read+decode": decode_only, "+crop/resize/flip": crop, "+RandAugment": rand_aug,
-            "+normalise": normalise, "+erasing": erase}
+    return {"read+decode (whole image)": shape_of(decode),
+            "read+decode (crop-aware)": shape_of(crop_decode),
+            "+crop/resize/flip (host_resize=pil)": crop, "+RandAugment": rand_aug,
+            "+normalise": normalise, "+erasing": erase,
+            "crop-aware decode +crop/resize/flip (host_resize=fast)":
+                lambda source: crop(source, "fast")}
 
 
 def _time(ds, images, batch):
@@ -81,13 +93,13 @@ def run(data_dir: str, images: int = 256, batch: int = 64) -> list[dict]:
               .batch(batch).prefetch(2).with_options(options))
         rate, ms = _time(ds, images, batch)
         rows.append({"stage": name, "images_per_sec": rate, "cpu_ms_per_image": ms})
-    for on_device in (True, False):
-        c.aug.on_device = on_device
+    for on_device, resize in ((True, "fast"), (True, "pil"), (False, "pil")):
+        c.aug.on_device, c.aug.host_resize = on_device, resize
         layout = input_pipeline.Layout(batch, 0, 1, 1)
         rate, ms = _time(input_pipeline.train_batches(c, source, layout, image_size=SIZE),
                          images, batch)
-        rows.append({"stage": f"train_batches(on_device={on_device})", "images_per_sec": rate,
-                     "cpu_ms_per_image": ms})
+        rows.append({"stage": f"train_batches(on_device={on_device}, host_resize={resize})",
+                     "images_per_sec": rate, "cpu_ms_per_image": ms})
     return rows
 
 
@@ -103,12 +115,18 @@ def main() -> None:
         print(json.dumps({**row, "loadavg_1min": load}))
     print(f"\n| stage (cumulative) | CPU ms/image | this stage | (load {load:.1f}) |")
     print("|---|---|---|---|")
+    by_name = {row["stage"]: row["cpu_ms_per_image"] for row in rows}
     prev = 0.0
     for row in rows:
-        ms = row["cpu_ms_per_image"]
-        delta = ms - prev if row["stage"].startswith(("+", "read")) else float("nan")
-        print(f"| {row['stage']} | {ms:.2f} | {delta:.2f} | |")
-        prev = ms if row["stage"].startswith(("+", "read")) else prev
+        ms, name = row["cpu_ms_per_image"], row["stage"]
+        if name.startswith("crop-aware"):  # its own chain from the crop-aware decode
+            delta = ms - by_name["read+decode (crop-aware)"]
+        elif name == "read+decode (crop-aware)":
+            delta = ms - by_name["read+decode (whole image)"]
+        else:
+            delta = ms - prev if name.startswith(("+", "read")) else float("nan")
+        print(f"| {name} | {ms:.2f} | {delta:+.2f} | |")
+        prev = ms if name.startswith(("+", "read")) else prev
 
 
 if __name__ == "__main__":

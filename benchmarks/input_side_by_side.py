@@ -9,8 +9,9 @@ of them alike, each pinned to CPU 1 (``taskset -c 1``):
   A  python -m deit_jax.benchmark --mode=input --on_device=true   (host: decode, crop, flip)
   B  benchmarks/input_reference.py                                (timm create_transform)
   C  python -m deit_jax.benchmark --mode=input --on_device=false  (host: PIL-exact recipe)
+  D  ... --on_device=true --host_resize=fast                     (one resize pass, no antialias)
 
-then A on two cores (``taskset -c 0,1``) for the scaling. Prints every JSON record, then a
+then A and D on two cores (``taskset -c 0,1``) for the scaling. Prints every JSON record, then a
 table of medians: images/s (wall), CPU ms per image (process time: less sensitive to other
 processes on the core), and both as ratios to timm; the 1-minute load average is recorded with
 each run (the figures are only comparable on a quiet machine).
@@ -56,16 +57,21 @@ def main() -> None:
         "B timm/PIL create_transform (1 core)": (
             ["benchmarks/input_reference.py", f"--data_dir={data_dir}", n], "1"),
         "C deit_jax on_device=false, PIL-exact (1 core)": (bench + ["--on_device=false"], "1"),
+        "D deit_jax on_device=true, host_resize=fast (1 core)": (
+            bench + ["--on_device=true", "--host_resize=fast"], "1"),
     }
     results: dict[str, list[dict]] = {k: [] for k in runs}
     for _ in range(a.rounds):
         for name, (cmd, cpus) in runs.items():
             results[name].append(_run(cmd, cpus))
             print(json.dumps({"run": name, **results[name][-1]}), flush=True)
-    two = "A' deit_jax on_device=true (2 cores)"
-    results[two] = [_run(bench + ["--on_device=true"], "0,1") for _ in range(a.rounds)]
-    for r in results[two]:
-        print(json.dumps({"run": two, **r}), flush=True)
+    twos = {"A' deit_jax on_device=true (2 cores)": ["--on_device=true"],
+            "D' deit_jax on_device=true, host_resize=fast (2 cores)":
+                ["--on_device=true", "--host_resize=fast"]}
+    for _ in range(a.rounds):
+        for two, flags in twos.items():
+            results.setdefault(two, []).append(_run(bench + flags, "0,1"))
+            print(json.dumps({"run": two, **results[two][-1]}), flush=True)
 
     def med(name, key):
         return statistics.median(r[key] for r in results[name])
@@ -80,9 +86,11 @@ def main() -> None:
               f"{med(name, 'images_per_sec') / med(timm, 'images_per_sec'):.2f} | "
               f"{med(timm, 'cpu_ms_per_image') / med(name, 'cpu_ms_per_image'):.2f} | "
               f"{med(name, 'loadavg_1min'):.1f} |")
-    one = "A deit_jax on_device=true (1 core)"
-    print(f"\n2 cores / 1 core (on_device=true, images/s): "
-          f"{med(two, 'images_per_sec') / med(one, 'images_per_sec'):.2f}")
+    ones = ("A deit_jax on_device=true (1 core)",
+            "D deit_jax on_device=true, host_resize=fast (1 core)")
+    for two, one in zip(twos, ones, strict=True):
+        print(f"2 cores / 1 core ({one[:1]}, images/s): "
+              f"{med(two, 'images_per_sec') / med(one, 'images_per_sec'):.2f}")
 
 
 if __name__ == "__main__":

@@ -54,15 +54,20 @@ class Source:
     class_names: tuple[str, ...] = ()
     describe: Callable[[int], str] | None = None
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # index -> dict with ``encoded`` (the file's bytes, tf.string []), ``label`` and the
+    # extras, for sources of encoded images: training decodes them crop-aware (decode_crop).
+    load_encoded: Callable | None = None
 
     def where(self, index: int) -> str:
         return self.describe(index) if self.describe else f"{self.name}[{index}]"
 
     def slice(self, start: int, stop: int) -> Source:
         """Examples ``start .. stop - 1`` as a source of their own (index 0 = ``start``)."""
+        encoded = self.load_encoded
         return dataclasses.replace(
             self, name=f"{self.name}[{start}:{stop}]", num_examples=stop - start,
             load=lambda index: self.load(index + start),
+            load_encoded=encoded and (lambda index: encoded(index + start)),
             describe=lambda index: self.where(index + start))
 
 
@@ -169,6 +174,50 @@ def decode_image_bytes(data) -> tf.Tensor:
     return tf.ensure_shape(image, [None, None, 3])
 
 
+# Rows and columns decoded around a crop window: libjpeg's fancy chroma upsampling reads one
+# neighbouring chroma sample, so a window decoded without a margin differs from the full
+# decode on its edge pixels (up to 14 grey levels, in about half of all crops); with one pixel
+# of margin every pixel is equal (tests/test_input_pipeline.py checks 4:2:0 and 4:4:4).
+_CROP_MARGIN = 2
+_JPEG_EOI = b"\xff\xd9"
+
+
+def decode_crop(data, view_of: Callable) -> tuple[tf.Tensor, tf.Tensor]:
+    """Crop-aware decoding: the pixels of one crop + flip view without decoding the rest.
+
+    ``view_of(height, width)`` draws the view (int32 [5]: top, left, height, width, flip) from
+    the image's size. A JPEG's size comes from its header and only the view's window (plus a
+    small margin) is decoded (``tf.image.decode_and_crop_jpeg``); its pixels equal those of
+    ``decode_image_bytes`` cropped. libjpeg stops after the window's last row, so a truncated
+    file could go unnoticed when the crop lies above the damage: a JPEG that does not end
+    with the end-of-image marker (truncated, or with trailing bytes) is decoded whole, which
+    fails on damage as before. Other formats are decoded whole.
+
+    Returns:
+      (window uint8 [h', w', 3] containing the view, the view int32 [5] relative to it).
+    """
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(data)
+        view = tf.cast(view_of(shape[0], shape[1]), tf.int32)
+        top, left = tf.maximum(view[0] - _CROP_MARGIN, 0), tf.maximum(view[1] - _CROP_MARGIN, 0)
+        bottom = tf.minimum(view[0] + view[2] + _CROP_MARGIN, shape[0])
+        right = tf.minimum(view[1] + view[3] + _CROP_MARGIN, shape[1])
+        window = tf.image.decode_and_crop_jpeg(
+            data, tf.stack([top, left, bottom - top, right - left]), channels=3,
+            dct_method="INTEGER_ACCURATE")
+        return window, tf.stack([view[0] - top, view[1] - left, view[2], view[3], view[4]])
+
+    def whole():
+        image = decode_image_bytes(data)
+        shape = tf.shape(image)
+        return image, tf.cast(view_of(shape[0], shape[1]), tf.int32)
+
+    complete_jpeg = tf.io.is_jpeg(data) & tf.equal(tf.strings.substr(data, -2, 2), _JPEG_EOI)
+    window, view = tf.cond(complete_jpeg, jpeg, whole)
+    return tf.ensure_shape(window, [None, None, 3]), tf.ensure_shape(view, [5])
+
+
 def _pil_decode(path) -> np.ndarray:
     from PIL import Image
 
@@ -229,8 +278,13 @@ def image_folder(root: str, classes: tuple[str, ...] | None = None) -> Source:
             image = decode_tf()
         return tf.ensure_shape(image, [None, None, 3]), tf.gather(labels_t, index)
 
+    def load_encoded(index):
+        return {"encoded": tf.io.read_file(tf.gather(paths_t, index)),
+                "label": tf.gather(labels_t, index)}
+
     return Source(os.path.basename(root.rstrip("/")), len(paths), len(classes), load, classes,
-                  describe=lambda index: paths[int(index)])
+                  describe=lambda index: paths[int(index)],
+                  load_encoded=None if any(pil_only) else load_encoded)
 
 
 # ------------------------------------------------------------------------------------- TFDS
@@ -310,13 +364,17 @@ def tfds_source(name: str, split: str | None, data_dir: str | None) -> Source:
     fetch = _fetch_fn(data_source, label_key, real, num_classes)
     types = [tf.string, tf.int32] + ([tf.uint8] if real else [])
 
-    def load(index):
+    def load_encoded(index):
         fetched = tf.numpy_function(fetch, [index], types, stateful=False)
-        out = {"image": decode_image_bytes(fetched[0]),
+        out = {"encoded": tf.ensure_shape(fetched[0], []),
                "label": tf.ensure_shape(fetched[1], [])}
         if real:
             out["real_label"] = tf.ensure_shape(fetched[2], [num_classes])
         return out
+
+    def load(index):
+        out = load_encoded(index)
+        return {"image": decode_image_bytes(out.pop("encoded")), **out}
 
     def describe(index):
         where = f"{name} {split}[{index}]"
@@ -328,7 +386,8 @@ def tfds_source(name: str, split: str | None, data_dir: str | None) -> Source:
         return where
 
     extras = {"real_label": np.zeros(num_classes, np.uint8)} if real else {}
-    return Source(name, len(data_source), num_classes, load, describe=describe, extras=extras)
+    return Source(name, len(data_source), num_classes, load, describe=describe, extras=extras,
+                  load_encoded=load_encoded)
 
 
 # ----------------------------------------------------------------------------------- config

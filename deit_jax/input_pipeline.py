@@ -36,6 +36,7 @@ from deit_jax.augment import three_augment
 from deit_jax.data_sources import (  # noqa: F401 - re-exported: train.py reads them from here
     DataError,
     Source,
+    decode_crop,
     fashion_mnist,
     get_extra_eval_sources,
     get_source,
@@ -45,6 +46,7 @@ from deit_jax.data_sources import (  # noqa: F401 - re-exported: train.py reads 
     synthetic,
     tfds_source,
 )
+from deit_jax.errors import ConfigError
 
 # Training: how many examples (the planned one, then the next ones in the split) are tried
 # before a run gives up. Several consecutive bad files mean unreadable storage, not a few
@@ -218,39 +220,48 @@ def _options() -> tf.data.Options:
     return options
 
 
-def _decode_with_fallback(source: Source, attempts: int):
-    """``index -> one-element dataset`` of the first of ``index, index + 1, ...`` (``attempts``
-    of them) that loads, as ``load_example``'s dict plus ``loaded`` (the index used; -1 with
-    a placeholder image when none loads).
+def _decode_with_fallback(source: Source, attempts: int, load: Callable | None = None):
+    """``element -> one-element dataset`` of the first of ``index, index + 1, ...``
+    (``attempts`` of them, from ``element["index"]``) that loads, as ``load(element, index)``'s
+    dict (default ``load_example``) plus ``loaded`` (the index used; -1 with a placeholder
+    image when none loads).
 
     Graph-mode errors cannot be caught with try/except; ``ignore_errors`` on a dataset of one
     example turns a failure into an empty dataset, and the concatenation moves on. Only the
     attempts needed are ever run.
     """
-    placeholder = {"image": tf.zeros([16, 16, 3], tf.uint8), "label": tf.constant(0, tf.int32),
-                   **{k: tf.constant(v) for k, v in source.extras.items()},
-                   "loaded": tf.constant(-1, tf.int64)}
+    load = load or (lambda element, index: load_example(source, index))
     n = source.num_examples
 
-    def attempt(index):
+    def attempt(element, index):
         one = tf.data.Dataset.from_tensors(index)
-        return one.map(lambda i: {**load_example(source, i), "loaded": i}).ignore_errors()
+        return one.map(lambda i: {**load(element, i), "loaded": i}).ignore_errors()
 
-    def first_loadable(index):
-        ds = attempt(index)
+    def first_loadable(element):
+        index = element["index"]
+        ds = attempt(element, index)
         for k in range(1, attempts):
-            ds = ds.concatenate(attempt((index + k) % n))
+            ds = ds.concatenate(attempt(element, (index + k) % n))
+        # The placeholder has the loaded examples' structure (shapes left free).
+        spec = ds.element_spec
+        placeholder = {k: tf.zeros([16 if d is None else d for d in v.shape], v.dtype)
+                       for k, v in spec.items()}
+        placeholder.update({k: tf.constant(v) for k, v in source.extras.items()},
+                           loaded=tf.constant(-1, tf.int64))
+        if "crop" in placeholder:  # crop-aware decoding: the placeholder's whole 16 x 16
+            placeholder["crop"] = tf.constant([0, 0, 16, 16, 0], tf.int32)
         return ds.concatenate(tf.data.Dataset.from_tensors(placeholder)).take(1)
 
     return first_loadable
 
 
-def _decoded(ds: tf.data.Dataset, source: Source, attempts: int) -> tf.data.Dataset:
+def _decoded(ds: tf.data.Dataset, source: Source, attempts: int,
+             load: Callable | None = None) -> tf.data.Dataset:
     """Adds the decoded example (see ``_decode_with_fallback``) to each element, in order."""
-    first_loadable = _decode_with_fallback(source, attempts)
+    first_loadable = _decode_with_fallback(source, attempts, load)
 
     def expand(element):
-        return first_loadable(element["index"]).map(lambda example: {**element, **example})
+        return first_loadable(element).map(lambda example: {**element, **example})
 
     return ds.interleave(expand, cycle_length=_CYCLE, block_length=1,
                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -296,10 +307,32 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
         keys += ("view",)
         crop_table = tf.constant(crops, tf.int32)
 
+    resize = aug.get("host_resize", "pil")
+    if resize not in host_aug.HOST_RESIZE:
+        raise ConfigError(f"aug.host_resize={resize!r}; set --config.aug.host_resize to one "
+                          f"of {host_aug.HOST_RESIZE}")
+    # Crop-aware decoding (a JPEG decodes only its crop's window; the same pixels): for the
+    # RandomResizedCrop recipes of sources that hand over encoded bytes.
+    crop_aware = source.load_encoded is not None and not aug.three_augment
+
+    def load_cropped(element, index):
+        example = source.load_encoded(index)
+        seed = _per_example_seed(config.seed, element["epoch"], element["position"])
+        if crops is not None:  # the stored view of the example being loaded
+            stored = tf.gather_nd(crop_table, tf.stack([index, element["view"]]))
+            view_of = lambda height, width: stored  # noqa: E731
+        else:
+            view_of = lambda height, width: host_aug.train_view(  # noqa: E731
+                seed, height, width, scale=scale, ratio=ratio, hflip=aug.hflip)
+        window, view = decode_crop(example.pop("encoded"), view_of)
+        return {**example, "image": window, "crop": view}
+
     def transform(element):
         seed = _per_example_seed(config.seed, element["epoch"], element["position"])
         crop = None
-        if crops is not None:
+        if crop_aware:
+            crop = element["crop"]
+        elif crops is not None:
             # The view of the example really loaded (a corrupt file's replacement has its own).
             crop = tf.gather_nd(crop_table, tf.stack([tf.maximum(element["loaded"], 0),
                                                       element["view"]]))
@@ -312,13 +345,14 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
         elif on_device:  # crop + flip only: the train step does the rest (augment.device)
             image = host_aug.train_crop(
                 element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
-                hflip=aug.hflip, interpolation=aug.interpolation, crop=crop)
+                hflip=aug.hflip, interpolation=aug.interpolation, crop=crop, resize=resize)
         else:
             image = host_aug.train_transform(
                 element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
                 hflip=aug.hflip, auto_augment=aug.auto_augment or None,
                 color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
-                re_count=aug.re_count, interpolation=aug.interpolation, crop=crop)
+                re_count=aug.re_count, interpolation=aug.interpolation, crop=crop,
+                resize=resize)
         out = {"image": image, "label": element["label"], "index": element["index"],
                "loaded": element["loaded"]}
         if crops is not None:
@@ -357,7 +391,8 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
 
     spec = {k: tf.TensorSpec([None], tf.int64) for k in keys}
     ds = tf.data.Dataset.from_generator(epochs, output_signature=spec).unbatch()
-    ds = _decoded(ds, source, 1 if strict else TRAIN_DECODE_ATTEMPTS)
+    ds = _decoded(ds, source, 1 if strict else TRAIN_DECODE_ATTEMPTS,
+                  load_cropped if crop_aware else None)
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(layout.host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(_options())

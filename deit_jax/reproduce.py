@@ -9,7 +9,8 @@ student, and analyses every student with ``deit_jax.analyze`` against the convne
 (top-1 per head, agreement, cls/dist cosine per layer). Every run is an ordinary resumable
 training run in ``WORKDIR/<name>``, so an interrupted study continues where it stopped. Writes
 ``WORKDIR/results.jsonl`` (one row per run), ``WORKDIR/table.md`` (mean +- std per cell) and
-``WORKDIR/study.png``; prints the table.
+``WORKDIR/study.png``; prints the table. Pieces run one after another (``--cell=none``, then
+``--cell=hard --first_seed=1 --seeds=2``, ...) merge into the same table.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def run_teacher(workdir: str, role: str, *, train_size: int, epochs: float = 0.0
     t0 = time.time()
     results = train.train_and_evaluate(_config(arg), os.path.join(workdir, role))
     return {"run": role, "cell": role, "seed": 0, "top1_cls": results["eval/top1_cls"],
-            "seconds": time.time() - t0}
+            "seconds": time.time() - t0, "epochs": float(_config(arg).num_epochs)}
 
 
 def run_student(workdir: str, cell: str, seed: int, *, train_size: int, epochs: float = 0.0,
@@ -76,7 +77,8 @@ def run_student(workdir: str, cell: str, seed: int, *, train_size: int, epochs: 
     else:
         cnn = ""  # no convnet teacher trained (a lone none/cls2 cell): no agreement figure
     figures = analyze.run(config, weights=run_dir, teacher_init=cnn, num_maps=0)
-    row = {"run": name, "cell": cell, "seed": seed, "seconds": seconds}
+    row = {"run": name, "cell": cell, "seed": seed, "seconds": seconds,
+           "epochs": float(config.num_epochs)}
     for head, value in figures["top1"].items():
         if head != "teacher":
             row[f"top1_{head}"] = value
@@ -159,47 +161,100 @@ def write_plot(rows: list[dict], path: str) -> str:
     return path
 
 
+def load_rows(path: str) -> list[dict]:
+    """The rows of an earlier ``results.jsonl`` (empty if there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each run of ``new`` replacing the row of the same name, new runs appended.
+
+    Rows carry the ``train_size`` and ``epochs`` they were trained with; mixing regimes in one
+    table (or one workdir, whose run directories are named by cell and seed only) raises
+    ValueError.
+    """
+    rows = old + new
+    sizes = {r["train_size"] for r in rows if "train_size" in r}
+    student_epochs = {r["epochs"] for r in rows
+                      if "epochs" in r and not r["cell"].startswith("teacher")}
+    if len(sizes) > 1 or len(student_epochs) > 1:
+        raise ValueError(f"results of different --train_size {sorted(sizes)} or student epochs "
+                         f"{sorted(student_epochs)} in one workdir; use a new --workdir per "
+                         "regime")
+    merged = {r["run"]: r for r in old}
+    merged.update({r["run"]: r for r in new})
+    return list(merged.values())
+
+
+def write_outputs(workdir: str, rows: list[dict], train_size: int) -> str:
+    """Writes results.jsonl, table.md and study.png for ``rows``; returns the table's text."""
+    with open(os.path.join(workdir, "results.jsonl.tmp"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(os.path.join(workdir, "results.jsonl.tmp"), os.path.join(workdir, "results.jsonl"))
+    students = [r for r in rows if not r["cell"].startswith("teacher")]
+    teachers = ", ".join(f"{r['cell']} {r['top1_cls']:.2f}" for r in rows
+                         if r["cell"].startswith("teacher"))
+    text = (f"Fashion-MNIST test top-1 (%), students on the first {train_size} training "
+            f"images, mean ± std over seeds\n" + (f"teachers: {teachers}\n" if teachers else "")
+            + format_table(students) + "\n")
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(text)
+    if students:
+        write_plot(students, os.path.join(workdir, "study.png"))
+    return text
+
+
 def run(workdir: str, *, cells: tuple[str, ...] = study.CELLS, seeds: int = 3,
         train_size: int = 6000, student_epochs: float = 0.0, teacher_epochs: float = 0.0,
-        smoke: bool = False) -> list[dict]:
-    """Runs the teachers the ``cells`` need, then every cell x seed; writes the outputs."""
+        smoke: bool = False, first_seed: int = 0) -> list[dict]:
+    """Runs the teachers the ``cells`` need, then every cell x seed; returns this call's rows.
+
+    The study can be run in pieces (a cell, a few seeds at a time, from several shells one
+    after the other): each finished run's row is merged into ``WORKDIR/results.jsonl`` at
+    once (replacing an earlier row of the same run), and the table and plot are rewritten
+    over all the rows there, so an interrupted or partial grid still counts.
+    """
     from deit_jax import train
 
     unknown = sorted(set(cells) - set(study.CELLS))
     if unknown:
         raise ValueError(f"unknown cell(s) {unknown}; valid: {', '.join(study.CELLS)}")
-    if seeds < 1:
-        raise ValueError("--seeds must be >= 1")
-    train.quiet_library_logs()
+    if seeds < 1 or first_seed < 0:
+        raise ValueError("--seeds must be >= 1 and --first_seed >= 0")
     os.makedirs(workdir, exist_ok=True)
+    results_path = os.path.join(workdir, "results.jsonl")
+    merge_rows(load_rows(results_path), [{"run": "", "train_size": train_size}])  # check first
+    train.quiet_library_logs()
     rows = []
+
+    def record(row):
+        row["train_size"] = train_size
+        rows.append(row)
+        write_outputs(workdir, merge_rows(load_rows(results_path), [row]), train_size)
+
     for role in dict.fromkeys(TEACHER_OF[c] for c in cells if c in TEACHER_OF):
-        rows.append(run_teacher(workdir, role, train_size=train_size, epochs=teacher_epochs,
-                                smoke=smoke))
+        earlier = {r["run"]: r for r in load_rows(results_path)}.get(role)
+        if earlier and os.path.exists(os.path.join(workdir, role, "DONE")):
+            rows.append(earlier)  # trained by an earlier piece: keep its row and wall time
+            continue
+        record(run_teacher(workdir, role, train_size=train_size, epochs=teacher_epochs,
+                           smoke=smoke))
     for cell in cells:
-        for seed in range(seeds):
-            rows.append(run_student(workdir, cell, seed, train_size=train_size,
-                                    epochs=student_epochs, smoke=smoke))
-    with open(os.path.join(workdir, "results.jsonl"), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    students = [r for r in rows if not r["cell"].startswith("teacher")]
-    table = format_table(students)
-    teachers = ", ".join(f"{r['cell']} {r['top1_cls']:.2f}" for r in rows
-                         if r["cell"].startswith("teacher"))
-    text = (f"Fashion-MNIST test top-1 (%), students on the first {train_size} training "
-            f"images, mean ± std over seeds\n" + (f"teachers: {teachers}\n" if teachers else "")
-            + table + "\n")
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write(text)
-    write_plot(students, os.path.join(workdir, "study.png"))
+        for seed in range(first_seed, first_seed + seeds):
+            record(run_student(workdir, cell, seed, train_size=train_size,
+                               epochs=student_epochs, smoke=smoke))
     return rows
 
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "workdirs/study", "Where every run of the study writes.")
 flags.DEFINE_string("cell", "all", f"'all' or comma-separated cells of {study.CELLS}.")
-flags.DEFINE_integer("seeds", 3, "Students per cell (seeds 0..N-1).")
+flags.DEFINE_integer("seeds", 3, "Students per cell (seeds first_seed..first_seed+N-1).")
+flags.DEFINE_integer("first_seed", 0, "The first seed (run more seeds of a cell later).")
 flags.DEFINE_integer("train_size", 6000, "Training images (the first N of the split).")
 flags.DEFINE_float("student_epochs", 0.0, "Override the students' epochs (0: configs/study.py).")
 flags.DEFINE_float("teacher_epochs", 0.0, "Override the teachers' epochs (0: configs/study.py).")
@@ -209,7 +264,8 @@ def main(argv):
     del argv
     cells = study.CELLS if FLAGS.cell == "all" else tuple(FLAGS.cell.split(","))
     rows = run(FLAGS.workdir, cells=cells, seeds=FLAGS.seeds, train_size=FLAGS.train_size,
-               student_epochs=FLAGS.student_epochs, teacher_epochs=FLAGS.teacher_epochs)
+               student_epochs=FLAGS.student_epochs, teacher_epochs=FLAGS.teacher_epochs,
+               first_seed=FLAGS.first_seed)
     del rows
     with open(os.path.join(FLAGS.workdir, "table.md")) as f:
         print(f.read(), flush=True)

@@ -47,6 +47,7 @@ def test_one_cell_on_a_tiny_budget_writes_its_row(tmp_path):
     rows = reproduce.run(workdir, cells=("cls2",), seeds=1, smoke=True, student_epochs=2.0)
     assert [r["run"] for r in rows] == ["cls2_seed0"]
     row = rows[0]
+    assert (row["epochs"], row["train_size"]) == (2.0, 6000)
     for key in ("top1_cls", "top1_dist", "top1_fused"):
         assert 0.0 <= row[key] <= 100.0
     assert -1.0 <= row["cos_last"] <= 1.0 and len(row["cos_layers"]) == 5  # input + 4 blocks
@@ -75,3 +76,44 @@ def test_quickstart_teacher_is_regnety_002_without_its_last_stage():
     assert model.apply(variables, jnp.ones((2, 28, 28, 3)), train=False).shape == (2, 10)
     with pytest.raises(ValueError, match="unknown override"):
         models.create_model("regnety_002_3stage", img_size=28)
+
+
+def test_pieces_of_the_grid_merge_into_one_table(tmp_path):
+    workdir = str(tmp_path)
+    first = {"run": "hard_seed0", "cell": "hard", "seed": 0, "top1_fused": 80.0,
+             "train_size": 600}
+    reproduce.write_outputs(workdir, [first], 600)
+    path = os.path.join(workdir, "results.jsonl")
+    again = dict(first, top1_fused=82.0)  # the same run measured again replaces its row
+    other = {"run": "hard_seed1", "cell": "hard", "seed": 1, "top1_fused": 86.0,
+             "train_size": 600}
+    merged = reproduce.merge_rows(reproduce.load_rows(path), [again, other])
+    assert [r["top1_fused"] for r in merged] == [82.0, 86.0]
+    text = reproduce.write_outputs(workdir, merged, 600)
+    assert "| hard | 2 | - | - | 84.00 ± 2.83 |" in text
+    assert len(reproduce.load_rows(path)) == 2
+    with pytest.raises(ValueError, match="new --workdir"):
+        reproduce.merge_rows(merged, [dict(other, run="none_seed0", train_size=6000)])
+    with pytest.raises(ValueError, match="student epochs"):
+        reproduce.merge_rows([dict(first, epochs=30.0)], [dict(other, epochs=10.0)])
+
+
+def test_a_later_piece_keeps_the_finished_teachers_row(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    os.makedirs(os.path.join(workdir, "teacher_cnn"))
+    open(os.path.join(workdir, "teacher_cnn", "DONE"), "w").write("690")
+    teacher = {"run": "teacher_cnn", "cell": "teacher_cnn", "seed": 0, "top1_cls": 84.0,
+               "seconds": 405.0, "train_size": 600}
+    reproduce.write_outputs(workdir, [teacher], 600)
+
+    def no_teacher_run(*args, **kwargs):
+        raise AssertionError("a finished teacher must not be rerun")
+
+    monkeypatch.setattr(reproduce, "run_teacher", no_teacher_run)
+    monkeypatch.setattr(reproduce, "run_student", lambda workdir, cell, seed, **kw: {
+        "run": f"{cell}_seed{seed}", "cell": cell, "seed": seed, "top1_fused": 80.0 + seed})
+    rows = reproduce.run(workdir, cells=("soft",), seeds=2, first_seed=1, train_size=600)
+    assert [r["run"] for r in rows] == ["teacher_cnn", "soft_seed1", "soft_seed2"]
+    saved = reproduce.load_rows(os.path.join(workdir, "results.jsonl"))
+    assert saved[0]["seconds"] == 405.0 and len(saved) == 3
+    assert "| soft | 2 | - | - | 81.50 ± 0.71 |" in open(os.path.join(workdir, "table.md")).read()

@@ -33,7 +33,7 @@ _HOST_NAMES = {
     'random_resized_crop_params': 'host', 'random_resized_crop': 'host',
     'crop_flip_params': 'host', 'crop_flip': 'host', 'crop_views': 'host',
     'normalize': 'host', 'eval_transform': 'host', 'train_transform': 'host',
-    'train_crop': 'host',
+    'train_crop': 'host', 'train_view': 'host', 'HOST_RESIZE': 'host',
     'auto_contrast': 'ops', 'equalize': 'ops', 'invert': 'ops', 'posterize': 'ops',
     'solarize': 'ops', 'solarize_add': 'ops', 'color': 'ops', 'contrast': 'ops',
     'brightness': 'ops', 'sharpness': 'ops', 'affine': 'ops',

@@ -4,6 +4,7 @@ import math
 
 import tensorflow as tf
 
+from deit_jax.augment.ops import select
 from deit_jax.augment.tf_random import randint, split_seed, uniform
 
 
@@ -56,7 +57,7 @@ def random_erasing(image, seed, *, prob=0.25, min_area=0.02, max_area=1 / 3, min
                 noise = tf.random.stateless_normal([1, 1, 3], s_fill, dtype=image.dtype)
             else:
                 noise = tf.zeros([], image.dtype)
-            return tf.where(box[..., None], noise, image)
+            return select(box[..., None], noise + tf.zeros_like(image), image)
 
         # Noise only for an image that gets this box (1 in 4 at the default prob): the
         # same values, without drawing a full image of normals for the others.

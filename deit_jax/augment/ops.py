@@ -12,6 +12,15 @@ from deit_jax.augment.policy import IMAGENET_MEAN_UINT8
 from deit_jax.augment.tf_random import f64
 
 
+def select(mask, x, y):
+    """`tf.where(mask, x, y)` (mask broadcast to x's shape) as arithmetic: the same values
+    (`x * 1 + y * 0` is x exactly for finite values), ~3x faster on the CPU, where
+    SelectV2 takes ~0.5 ms per 224 x 224 x 3 image and ~1.2 ms with a scalar mask on uint8.
+    A scalar choice between whole images is `tf.cond`, which computes only one side."""
+    m = tf.cast(mask, x.dtype)
+    return x * m + y * (1 - m)
+
+
 def _luma(image):
     """PIL `convert('L')`: fixed-point ITU-R 601-2 luma, int32 [height, width]."""
     x = tf.cast(image, tf.int32)
@@ -92,14 +101,14 @@ def posterize(image, bits):
 def solarize(image, threshold):
     """PIL `ImageOps.solarize(image, threshold)`: invert pixels >= threshold."""
     x = tf.cast(image, tf.int32)
-    return tf.cast(tf.where(x < tf.cast(threshold, tf.int32), x, 255 - x), tf.uint8)
+    return tf.cast(select(x < tf.cast(threshold, tf.int32), x, 255 - x), tf.uint8)
 
 
 def solarize_add(image, add, threshold=128):
     """timm `solarize_add`: add `add` (saturating) to pixels below `threshold`."""
     x = tf.cast(image, tf.int32)
     added = tf.minimum(x + tf.cast(add, tf.int32), 255)
-    return tf.cast(tf.where(x < threshold, added, x), tf.uint8)
+    return tf.cast(select(x < threshold, added, x), tf.uint8)
 
 
 def color(image, factor):
@@ -139,7 +148,7 @@ def _smooth(image):
     padded = tf.pad(inner, [[1, 1], [1, 1], [0, 0]])
     shape = tf.shape(image)
     border = tf.pad(tf.zeros(shape[:2] - 2, tf.bool), [[1, 1], [1, 1]], constant_values=True)
-    return tf.cast(tf.where(border[..., None], x, padded), tf.uint8)
+    return tf.cast(select(border[..., None], tf.cast(x, padded.dtype), padded), tf.uint8)
 
 
 def sharpness(image, factor):
@@ -195,21 +204,39 @@ def affine(image, matrix, *, fill=IMAGENET_MEAN_UINT8, interpolation='bicubic'):
         taps, interpolate = range(0, 2), _linear
     else:
         raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
-    # One gather per tap from channel planes [3, h * w], widened to float64 once, interpolated
+    # One gather per tap from channel planes [3, h * w], widened to float64, interpolated
     # tap row by tap row: TF runs every op unfused, so few ops on [3, h, w] beat one gather
     # into a [h, w, taps, taps, 3] window (3x faster). Clamped indices are PIL's edge rule;
     # PIL interpolates along x within each row first, then along y (the same order here).
-    planes = tf.cast(tf.reshape(tf.transpose(image, [2, 0, 1]), [3, -1]), tf.float64)
+    planes = tf.reshape(tf.transpose(tf.convert_to_tensor(image, tf.uint8), [2, 0, 1]), [3, -1])
+
+    def tap(index):  # gathered as uint8, widened after: an eighth of the bytes moved
+        return tf.cast(tf.gather(planes, index, axis=1), tf.float64)
+
     dx, dy = dx[..., 0], dy[..., 0]
     cols = [tf.clip_by_value(x0 + t, 0, width - 1) for t in taps]
-    row_values = []
-    for t in taps:
-        row = tf.clip_by_value(y0 + t, 0, height - 1) * width
-        row_values.append(interpolate(*[tf.gather(planes, row + col, axis=1) for col in cols],
-                                      dx))
-    value = tf.transpose(interpolate(*row_values, dy), [1, 2, 0])
+    rows = [tf.clip_by_value(y0 + t, 0, height - 1) * width for t in taps]
+
+    def general():
+        row_values = [interpolate(*[tap(row + col) for col in cols], dx)
+                      for row in rows]
+        return interpolate(*row_values, dy)
+
+    # Shear and translate along one axis leave the other axis's fraction exactly 0 at every
+    # pixel (e.g. ShearX: y_in = y + 0.5 exactly), where PIL's interpolation along it returns
+    # its centre tap bit for bit (v2 + 0 * (...)): sampling one axis only gives the same
+    # values with 4 gathers instead of 16 (~4x faster; Rotate takes the general path).
+    rows_exact = (d == 0.0) & (e == 1.0) & (f == 0.0)  # dy == 0: interpolate along x
+    cols_exact = (a == 1.0) & (b == 0.0) & (c == 0.0)  # dx == 0: interpolate along y
+    value = tf.case(
+        [(rows_exact, lambda: interpolate(
+            *[tap(rows[-taps[0]] + col) for col in cols], dx)),
+         (cols_exact, lambda: interpolate(
+            *[tap(row + cols[-taps[0]]) for row in rows], dy))],
+        default=general, exclusive=False)
+    value = tf.transpose(value, [1, 2, 0])
     value = tf.floor(tf.clip_by_value(value, 0.0, 255.0))
-    out = tf.where(inside[..., None], value, tf.constant(fill, tf.float64))
+    out = select(inside[..., None], value, tf.constant(fill, tf.float64))
     return tf.cast(out, tf.uint8)
 
 

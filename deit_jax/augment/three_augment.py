@@ -179,7 +179,7 @@ def train_transform(image_uint8, seed, *, img_size, simple_crop: bool = False,
                              "combine with aug.simple_random_crop")
         image = simple_random_crop(image_uint8, s_crop, size=img_size, interpolation=interpolation)
         flip = tf_random.uniform(s_flip) < hflip
-        image = tf.where(flip, image[:, ::-1], image)
+        image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
     else:
         if crop is None:
             shape = tf.shape(image_uint8)

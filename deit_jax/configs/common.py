@@ -80,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.aug.auto_augment = "rand-m9-mstd0.5-inc1"
     c.aug.color_jitter = 0.3  # only used when auto_augment is ''
     c.aug.interpolation = "bicubic"
+    # How the RandomResizedCrop window is resized on the host: 'pil' = PIL's antialiased
+    # two-pass resize (PIL's pixels, the official recipe's); 'fast' = one bicubic pass without
+    # antialiasing (big_vision's inception crop; ~3x less host CPU per image, aliased when a
+    # crop is downscaled). docs/PERFORMANCE.md has the figures.
+    c.aug.host_resize = "pil"
     c.aug.re_prob = 0.25
     c.aug.re_mode = "pixel"
     c.aug.re_count = 1

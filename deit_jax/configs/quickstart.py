@@ -18,6 +18,18 @@ README command one in a fresh clone, 6 min 56 s in all): teacher 87.66%, student
 dist 83.49% / fused 83.50% top-1, learned-token cosine 0.14, cls/dist embedding cosine 0.97
 after block 1 and 0.99 after block 4; 171 s + 185 s. Three epochs each: 89.09 / 85.06 fused in
 263 s + 284 s. The goals (teacher >= 90%, student >= 88% in 10 minutes) are not met yet.
+
+Where the CPU time goes (2026-12-02, one core, ``taskset -c 0``; the quickstart's models,
+28x28 inputs). The jitted AdamW train step alone, no input pipeline: teacher 190 / 86 / 36 ms
+at batch 256 / 128 / 64 (1,347 / 1,489 / 1,794 images/s), student 313 / 142 / 65 ms (819 /
+903 / 980 images/s), the teacher's forward pass in the student's step 32 ms at 256. The host
+input pipeline alone: 3,405 images/s (3,576 with ``aug.on_device``). A real teacher run
+(0.5 epoch, load 0.14 at the start) trains at 668 images/s, about 2/3 of what the step and the
+pipeline serialised on one core predict (~970): the rest is lost between tf.data's and XLA's
+threads on one core (not yet analysed). Smaller batches were tried for the teacher (2 epochs,
+same schedule, under load from other jobs, so no wall times): batch 128 at lr 5.6e-3 gave
+87.29%, batch 64 at lr 3e-3 84.89%, against 87.66% at 256 / 8e-3: more, smaller steps did not
+buy accuracy per epoch here, so the recipe keeps 256.
 """
 
 from deit_jax.configs import common
