@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deit_jax.models import layers
+
 Dtype = Any
 
 # timm's trunc_normal_(std=.02) truncates at +-2 *absolute*, i.e. at 100 standard deviations:
@@ -31,13 +33,13 @@ def _conv_bias_init(fan_in: int):
                                                                     bound)
 
 
-def _dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, kernel_init=_init_02, bias_init=nn.initializers.zeros,
-                    name=name)
+def _dense(features: int, dtype: Dtype, name: str) -> layers.Dense:
+    return layers.Dense(features, dtype=dtype, kernel_init=_init_02,
+                        bias_init=nn.initializers.zeros, name=name)
 
 
-def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
+def _layer_norm(dtype: Dtype, name: str) -> layers.LayerNorm:
+    return layers.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
 
 
 def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
@@ -102,7 +104,7 @@ class Mlp(nn.Module):
         d = x.shape[-1]
         x = _dense(self.hidden_dim, self.dtype, "fc1")(x)
         # PyTorch's nn.GELU is the erf form; flax's nn.gelu defaults to the tanh approximation.
-        x = nn.gelu(x, approximate=False)
+        x = layers.gelu(x)
         return _dense(d, self.dtype, "fc2")(x)
 
 
