@@ -57,6 +57,9 @@ class Source:
     # index -> dict with ``encoded`` (the file's bytes, tf.string []), ``label`` and the
     # extras, for sources of encoded images: training decodes them crop-aware (decode_crop).
     load_encoded: Callable | None = None
+    # In-memory arrays (Fashion-MNIST, synthetic): every example loads, so the pipeline maps
+    # ``load`` directly instead of its per-example decode-with-fallback datasets.
+    in_memory: bool = False
 
     def where(self, index: int) -> str:
         return self.describe(index) if self.describe else f"{self.name}[{index}]"
@@ -90,7 +93,7 @@ def _array_source(name: str, images: np.ndarray, labels: np.ndarray, num_classes
             image = tf.repeat(image, 3, axis=-1)
         return image, tf.gather(labels_t, index)
 
-    return Source(name, len(labels), num_classes, load)
+    return Source(name, len(labels), num_classes, load, in_memory=True)
 
 
 def _read_idx(path: str) -> np.ndarray:

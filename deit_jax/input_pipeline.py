@@ -258,6 +258,11 @@ def _decode_with_fallback(source: Source, attempts: int, load: Callable | None =
 def _decoded(ds: tf.data.Dataset, source: Source, attempts: int,
              load: Callable | None = None) -> tf.data.Dataset:
     """Adds the decoded example (see ``_decode_with_fallback``) to each element, in order."""
+    if source.in_memory and load is None:
+        # Nothing to decode, nothing that can fail: the same elements, without the
+        # one-element datasets (about half the host time of a 28x28 image).
+        return ds.map(lambda e: {**e, **load_example(source, e["index"]), "loaded": e["index"]},
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     first_loadable = _decode_with_fallback(source, attempts, load)
 
     def expand(element):

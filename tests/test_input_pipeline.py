@@ -18,6 +18,7 @@ from PIL import Image
 from configs import common
 from deit_jax import augment
 from deit_jax import input_pipeline as ip
+from deit_jax.augment import host as host_aug
 
 IMG = 16  # model input size in these tests: small keeps RandAugment cheap
 
@@ -276,6 +277,42 @@ def test_same_seed_same_stream_and_resume_at_k():
     other = next(ip.train_batches(config, source, layout, image_size=IMG))
     assert not np.array_equal(other["index"], full[0]["index"])
     assert not np.allclose(other["image"], full[0]["image"])
+
+
+def test_in_memory_sources_skip_the_fallback_and_give_the_same_batches():
+    # Array sources (Fashion-MNIST, synthetic) map load directly; the batches must be those of
+    # the decode-with-fallback path, crop-free recipe (the quickstart's) and a cropping one.
+    import dataclasses
+
+    source = ip.synthetic("train", 20, 4, 20)
+    assert source.in_memory
+    layout = ip.Layout(8, 0, 1, 2)
+    for crop in ((1.0, 1.0), (0.08, 1.0)):
+        config = make_config(auto_augment="", scale=crop, ratio=crop if crop[0] == 1 else
+                             (3 / 4, 4 / 3))
+        fast = collect(ip.train_batches(config, source, layout, image_size=20), 3)
+        slow = collect(ip.train_batches(config, dataclasses.replace(source, in_memory=False),
+                                        layout, image_size=20), 3)
+        for a, b in zip(fast, slow, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_a_crop_of_the_output_size_is_returned_unresized_as_pil_does():
+    rng = np.random.RandomState(0)
+    image = rng.randint(0, 256, (28, 28, 3)).astype(np.uint8)
+    for resize in host_aug.HOST_RESIZE:
+        out = host_aug.crop_flip(tf.constant(image), tf.constant([0, 0, 28, 28, 0]), size=28,
+                                     resize=resize).numpy()
+        pil = np.asarray(Image.fromarray(image).resize((28, 28), Image.BICUBIC))
+        np.testing.assert_array_equal(out, pil)
+        np.testing.assert_array_equal(out, image)
+    # A smaller crop is still resized (not the crop's own pixels at the corner).
+    out = host_aug.crop_flip(tf.constant(image), tf.constant([2, 3, 20, 22, 0]),
+                                 size=28).numpy()
+    pil = np.asarray(Image.fromarray(image[2:22, 3:25]).resize((28, 28), Image.BICUBIC))
+    assert np.abs(out.astype(int) - pil).max() <= 1
 
 
 def test_on_device_hands_over_the_host_paths_uint8_crops_and_resumes_at_k():

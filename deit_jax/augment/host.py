@@ -116,7 +116,11 @@ def _crop_resize(image, top, left, h, w, size, method, resize='pil'):
     if resize not in HOST_RESIZE:
         raise ValueError(f"aug.host_resize={resize!r}; expected one of {HOST_RESIZE}")
     crop = tf.slice(image, tf.stack([top, left, 0]), tf.stack([h, w, -1]))
-    out = (_resize if resize == 'pil' else _resize_fast)(crop, size, size, method)
+    resized = lambda: (_resize if resize == 'pil' else _resize_fast)(crop, size, size, method)  # noqa: E731
+    # A crop already size x size is returned as it is, as PIL's resize returns a copy then
+    # (the whole 28x28 Fashion-MNIST image of the quickstart's crop-free recipe).
+    out = tf.cond(tf.logical_and(tf.equal(h, size), tf.equal(w, size)),
+                  lambda: tf.cast(crop, tf.float32), resized)
     return tf.ensure_shape(out, [size, size, 3])
 
 
