@@ -54,6 +54,7 @@ from deit_jax.errors import ConfigError
 TRAIN_DECODE_ATTEMPTS = 8
 # Decodes in flight; tf.data's autotuner picks the parallelism up to this.
 _CYCLE = max(8, os.cpu_count() or 1)
+_NO_END = 2**62  # Dataset.range's stop for the endless training stream of epochs
 
 
 class CorruptImageError(DataError):
@@ -388,14 +389,16 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
             arrays["view"] = views[arrays["position"]]
         return arrays
 
-    def epochs():
-        epoch = start_step // n_steps
-        while True:
-            yield epoch_arrays(epoch)
-            epoch += 1
+    def epoch_tensors(epoch):
+        arrays = tf.numpy_function(lambda e: tuple(epoch_arrays(int(e))[k] for k in keys), [epoch],
+                                   (tf.int64,) * len(keys), stateful=False)
+        return {k: tf.ensure_shape(a, [None]) for k, a in zip(keys, arrays, strict=True)}
 
-    spec = {k: tf.TensorSpec([None], tf.int64) for k in keys}
-    ds = tf.data.Dataset.from_generator(epochs, output_signature=spec).unbatch()
+    # Dataset.range + numpy_function, not Dataset.from_generator: building a GeneratorDataset
+    # makes TensorFlow (2.16+, Python 3.11) pin glibc's mmap threshold at 128 KiB for the whole
+    # process, after which every XLA buffer above it is a fresh mmap: page faults that made
+    # the CPU train step ~1.6x slower (docs/PERFORMANCE.md, "the real loop against the step").
+    ds = tf.data.Dataset.range(start_step // n_steps, _NO_END).map(epoch_tensors).unbatch()
     ds = _decoded(ds, source, 1 if strict else TRAIN_DECODE_ATTEMPTS,
                   load_cropped if crop_aware else None)
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
