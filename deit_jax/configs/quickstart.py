@@ -15,25 +15,20 @@ The recipe is DeiT's, scaled down: AdamW, warmup + cosine (per step), label smoo
 crops, RandAugment, mixup, erasing or EMA for a run of three epochs per stage.
 Teacher and student see the same 28x28 images (no resizing).
 
-Measured on 2 quiet CPU cores (2026-12-03, each stage alone with this file, one seed; the
-whole README command one in a fresh clone: README.md): teacher 2 / 3 / 4 epochs 87.66 / 89.09 /
-**90.05%** (4 epochs: 286 s); student from the 3-epoch teacher, fused top-1 after 3 epochs
-84.68% (188 s; lr 2e-3 instead of 4e-3: 84.91%), after 4 epochs 85.80% (258 s). The goals:
-teacher >= 90% is met at 4 epochs (`--teacher_epochs=4`), but README command one then took
-10 min 55 s in a fresh clone (teacher 316 s, student 267 s), past the 10 minutes, so the
-default stays at 3; student (fused) >= 88% is not met.
+Measured (2026-12-03, 2 CPU cores, one seed; README.md has the fresh-clone run of README
+command one): teacher 2 / 3 / 4 epochs 87.66 / 89.09 / 90.05% on an Intel host, 3 / 4 epochs
+88.99 / 89.76% on an AMD EPYC host; student fused after 3 epochs 84.68% (Intel) / 84.72% (AMD),
+after 4 epochs 85.80% / 85.86%. README command one (3 + 3 epochs) took 10 min 8 s (Intel) and
+10 min 15 s (AMD, tcmalloc preloaded). The goals (teacher >= 90%, student fused >= 88%, the
+whole command within 10 minutes) are not met.
 
-Where the time goes (2026-12-03, 2 cores). The jitted train step alone, batch 256, fixed batch:
-teacher 181-217 ms, student 166-215 ms (the student's step lost 20 % to models/layers.py's
-custom gradients, docs/PERFORMANCE.md). The host input pipeline alone: 10,470 images/s on
-one core (3,220 before in-memory sources skipped the per-example decode-with-fallback datasets
-and a 28x28 crop skipped its 28x28 resize). A real run steadies at 3.2 (teacher) and 3.7
-(student) steps/s, ~310 and ~270 ms per step: ~100 ms per teacher step above the step alone
-are lost between tf.data's, the host-to-device copy and XLA's threads on 2 cores (the main
-thread is busy only ~7 % of the time in a py-spy profile; limiting tf.data to one thread and
-fast math changed nothing; not yet found). Earlier (2026-12-02) smaller teacher batches were
-tried: 128 at lr 5.6e-3 gave 87.29% and 64 at 3e-3 84.89% after 2 epochs, against 87.66% at
-256 / 8e-3: more, smaller steps did not buy accuracy per epoch, so the recipe keeps 256.
+Where the time goes (AMD host, batch 256): the jitted teacher step alone 208-232 ms; a real run
+reaches ~1,000-1,120 images/s (~4 steps/s) for the teacher with tcmalloc preloaded, ~900 with
+glibc (XLA:CPU's temporaries are re-mapped and page-faulted every step), and ran ~1.6x slower
+still before the training stream stopped using ``Dataset.from_generator`` (which pins glibc's
+mmap threshold at 128 KiB; docs/PERFORMANCE.md). Earlier (2026-12-02) smaller teacher batches
+were tried: 128 at lr 5.6e-3 gave 87.29% and 64 at 3e-3 84.89% after 2 epochs, against 87.66%
+at 256 / 8e-3: more, smaller steps did not buy accuracy per epoch, so the recipe keeps 256.
 """
 
 from deit_jax.configs import common
@@ -75,7 +70,7 @@ def get_config(arg=None):
         c.model.name = teacher
         c.model.drop_path_rate = 0.0
         c.optim.lr = 8e-3  # x 256/512
-        c.num_epochs = 3.0  # 4 reach 90.05% but take the first README command past 10 minutes
+        c.num_epochs = 3.0  # 4 reach 89.8-90.05% but take README command one past 10 minutes
         c.eval_every_epochs = 3.0
     else:
         c.model.name = "deit_tiny_distilled_patch16_224"
