@@ -395,9 +395,10 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
         return {k: tf.ensure_shape(a, [None]) for k, a in zip(keys, arrays, strict=True)}
 
     # Dataset.range + numpy_function, not Dataset.from_generator: building a GeneratorDataset
-    # makes TensorFlow (2.16+, Python 3.11) pin glibc's mmap threshold at 128 KiB for the whole
-    # process, after which every XLA buffer above it is a fresh mmap: page faults that made
-    # the CPU train step ~1.6x slower (docs/PERFORMANCE.md, "the real loop against the step").
+    # makes TensorFlow (seen with 2.21 on Python 3.11) pin glibc's mmap threshold at 128 KiB
+    # for the whole process, after which every XLA buffer above it is a fresh mmap: page
+    # faults that made the CPU train step ~1.6x slower (docs/PERFORMANCE.md, "The real loop
+    # against the step").
     ds = tf.data.Dataset.range(start_step // n_steps, _NO_END).map(epoch_tensors).unbatch()
     ds = _decoded(ds, source, 1 if strict else TRAIN_DECODE_ATTEMPTS,
                   load_cropped if crop_aware else None)
