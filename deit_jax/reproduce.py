@@ -10,11 +10,16 @@ student, and analyses every student with ``deit_jax.analyze`` against the convne
 training run in ``WORKDIR/<name>``, so an interrupted study continues where it stopped. Writes
 ``WORKDIR/results.jsonl`` (one row per run), ``WORKDIR/table.md`` (mean +- std per cell) and
 ``WORKDIR/study.png``; prints the table. Pieces run one after another (``--cell=none``, then
-``--cell=hard --first_seed=1 --seeds=2``, ...) merge into the same table.
+``--cell=hard --first_seed=1 --seeds=2``, ...) merge into the same table, also when they run
+at the same time: XLA:CPU scales poorly from one core to two, so on a 2-core machine two pieces
+pinned one per core (``taskset -c 0 ...`` and ``taskset -c 1 ...``) finish the grid sooner than
+one piece on both. Two pieces must not train the same teacher at once (the second stops with the
+run directory's lock error): run the teachers' cells first, or give each piece its own teacher.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -234,7 +239,11 @@ def run(workdir: str, *, cells: tuple[str, ...] = study.CELLS, seeds: int = 3,
     def record(row):
         row["train_size"] = train_size
         rows.append(row)
-        write_outputs(workdir, merge_rows(load_rows(results_path), [row]), train_size)
+        # Pieces may run at the same time (one per core, see the module docstring): the
+        # read-merge-write of results.jsonl is serialised so that no finished row is lost.
+        with open(os.path.join(workdir, ".results.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            write_outputs(workdir, merge_rows(load_rows(results_path), [row]), train_size)
 
     for role in dict.fromkeys(TEACHER_OF[c] for c in cells if c in TEACHER_OF):
         earlier = {r["run"]: r for r in load_rows(results_path)}.get(role)

@@ -117,3 +117,34 @@ def test_a_later_piece_keeps_the_finished_teachers_row(tmp_path, monkeypatch):
     saved = reproduce.load_rows(os.path.join(workdir, "results.jsonl"))
     assert saved[0]["seconds"] == 405.0 and len(saved) == 3
     assert "| soft | 2 | - | - | 81.50 ± 0.71 |" in open(os.path.join(workdir, "table.md")).read()
+
+
+def test_pieces_running_at_the_same_time_lose_no_row(tmp_path, monkeypatch):
+    """Two pieces (one per core) finishing together: both rows end up in results.jsonl.
+
+    load_rows is slowed so that, without the lock around read-merge-write, both pieces read the
+    empty file before either writes, and the second write drops the first row.
+    """
+    import threading
+    import time
+
+    workdir = str(tmp_path)
+    slow_load = reproduce.load_rows
+
+    def load_rows(path):
+        rows = slow_load(path)
+        time.sleep(0.3)
+        return rows
+
+    monkeypatch.setattr(reproduce, "load_rows", load_rows)
+    monkeypatch.setattr(reproduce, "run_student", lambda workdir, cell, seed, **kw: {
+        "run": f"{cell}_seed{seed}", "cell": cell, "seed": seed, "top1_cls": 80.0 + seed})
+    pieces = [threading.Thread(target=reproduce.run, args=(workdir,),
+                               kwargs=dict(cells=(cell,), seeds=1, train_size=600))
+              for cell in ("none", "cls2")]
+    for piece in pieces:
+        piece.start()
+    for piece in pieces:
+        piece.join()
+    saved = slow_load(os.path.join(workdir, "results.jsonl"))
+    assert sorted(r["run"] for r in saved) == ["cls2_seed0", "none_seed0"]
