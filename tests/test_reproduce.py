@@ -148,3 +148,46 @@ def test_pieces_running_at_the_same_time_lose_no_row(tmp_path, monkeypatch):
         piece.join()
     saved = slow_load(os.path.join(workdir, "results.jsonl"))
     assert sorted(r["run"] for r in saved) == ["cls2_seed0", "none_seed0"]
+
+
+def test_the_grid_in_pieces_trains_each_teacher_once_first():
+    first, rest = reproduce.plan_pieces(("none", "soft", "hard", "hard_deit"), 2, 0)
+    assert first == [("soft", 0), ("hard_deit", 0)]
+    assert rest == [("none", 0), ("none", 1), ("soft", 1), ("hard", 0), ("hard", 1),
+                    ("hard_deit", 1)]
+    assert reproduce.plan_pieces(("none", "cls2"), 1, 3) == ([], [("none", 3), ("cls2", 3)])
+
+
+def test_parallel_pieces_get_their_own_cores_and_a_failure_stops_the_grid(tmp_path,
+                                                                          monkeypatch):
+    import subprocess
+    import time
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    calls = []
+
+    def fake_call(cmd, **kwargs):
+        calls.append(cmd)
+        time.sleep(0.05)
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", fake_call)
+    reproduce.run_in_parallel(str(tmp_path), cells=("none", "hard", "hard_deit"), seeds=2,
+                              first_seed=0, jobs=2, args=["--train_size=600"])
+    pieces = [(c[4], c[5]) for c in calls]
+    assert sorted(pieces[:2]) == [("--cell=hard", "--first_seed=0"),
+                                  ("--cell=hard_deit", "--first_seed=0")]  # the teachers first
+    assert len(pieces) == 6 and len(set(pieces)) == 6
+    assert {c[7] for c in calls} == {"--cpus=0,2", "--cpus=1,3"}
+    assert all(c[-1] == "--train_size=600" and c[6] == "--seeds=1" for c in calls)
+
+    calls.clear()
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: calls.append(cmd) or
+                        (1 if cmd[4] == "--cell=soft" else 0))
+    with pytest.raises(RuntimeError, match=r"soft seed 0 \(exit 1; see .*soft_seed0.log"):
+        reproduce.run_in_parallel(str(tmp_path), cells=("soft", "none"), seeds=1,
+                                  first_seed=0, jobs=2, args=[])
+    assert [c[4] for c in calls] == ["--cell=soft"]  # phase 2 (none) never started
+    with pytest.raises(ValueError, match="--jobs=8: this process may use 4 cores"):
+        reproduce.run_in_parallel(str(tmp_path), cells=("none",), seeds=1, first_seed=0,
+                                  jobs=8, args=[])
