@@ -70,8 +70,8 @@ def get_config(arg=None):
         c.model.name = teacher
         c.model.drop_path_rate = 0.0
         c.optim.lr = 8e-3  # x 256/512
-        c.num_epochs = 3.0  # 4 reach 89.8-90.05% but take README command one past 10 minutes
-        c.eval_every_epochs = 3.0
+        c.num_epochs = 5.0  # 3 / 4 epochs: 88.85 / 89.76% (AMD host, 2026-12-03)
+        c.eval_every_epochs = 5.0
     else:
         c.model.name = "deit_tiny_distilled_patch16_224"
         c.model.patch_size = 7
@@ -79,12 +79,16 @@ def get_config(arg=None):
         c.model.depth = 4
         c.model.num_heads = 3
         c.model.drop_path_rate = 0.0
-        c.optim.lr = 4e-3  # x 256/512
+        # Batch 128 at the same per-step lr (2e-3) as 256 at 4e-3: twice the steps per epoch at
+        # the same images/s (~1,450 on 2 cores at either batch), +0.9 points after 3 epochs
+        # (85.66 vs 84.81 fused); batch 64 gave 85.76, a higher lr at 256 (4e-3) 84.81.
+        c.batch_size = 128
+        c.optim.lr = 8e-3  # x 128/512
         c.optim.warmup_epochs = 0.3
         c.distillation.kind = "hard"
         c.distillation.teacher = teacher
-        c.num_epochs = 3.0
-        c.eval_every_epochs = 3.0
+        c.num_epochs = 4.0  # at batch 128: 3 / 6 epochs 85.66 / 87.36% fused
+        c.eval_every_epochs = 4.0
     if arg.epochs:
         c.num_epochs = arg.epochs
         c.eval_every_epochs = arg.epochs
