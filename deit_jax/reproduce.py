@@ -1,6 +1,6 @@
 """The study of the paper's claims 1-6 at 2-core scale, offline on Fashion-MNIST.
 
-    python -m deit_jax.reproduce --workdir=workdirs/study --jobs=2     # the grid, ~51 min on 2 cores
+    python -m deit_jax.reproduce --workdir=workdirs/study --jobs=2   # the grid, ~51 min, 2 cores
     python -m deit_jax.reproduce --workdir=workdirs/study --cell=hard --seeds=1   # minutes
 
 Trains the two teachers of ``configs/study.py`` (a RegNetY convnet and a DeiT, on the same

@@ -16,19 +16,25 @@ crops, RandAugment, mixup, erasing or EMA for a run of three epochs per stage.
 Teacher and student see the same 28x28 images (no resizing).
 
 Measured (2026-12-03, 2 CPU cores, one seed; README.md has the fresh-clone run of README
-command one): teacher 2 / 3 / 4 epochs 87.66 / 89.09 / 90.05% on an Intel host, 3 / 4 epochs
-88.99 / 89.76% on an AMD EPYC host; student fused after 3 epochs 84.68% (Intel) / 84.72% (AMD),
-after 4 epochs 85.80% / 85.86%. README command one (3 + 3 epochs) took 10 min 8 s (Intel) and
-10 min 15 s (AMD, tcmalloc preloaded). The goals (teacher >= 90%, student fused >= 88%, the
-whole command within 10 minutes) are not met.
+command one): with these defaults (teacher 5 epochs at batch 256, student 4 at batch 128)
+teacher 90.35%, student fused 86.39%; README command one 8 min 14 s on this session's AMD EPYC
+host. The student goal (fused >= 88%) is not met: at batch 128 the student reaches 85.66 /
+87.36% fused after 3 / 6 epochs (~37 s per epoch here), so 88% needs at least 7-8 epochs, which
+do not fit the 10 minutes with the 5-epoch teacher. Levers measured for the student (3 epochs,
+the 3-epoch teacher of 88.85%, fused top-1, seconds of the run): batch 256 lr 4e-3 (the former
+default) 84.77 / 155 s; batch 256 at twice the lr 84.81 / 155 s; batch 128 at the same per-step
+lr 85.66 / 156 s; batch 64 85.76 / 158 s. For the teacher: 3 / 4 / 5 epochs 88.85 / 89.76 /
+90.35%; batch 128 (same per-step lr, 3 epochs) 89.21% in 159 s, the time 4 epochs at 256 take
+(158 s). Two XLA CPU devices (``--xla_force_host_platform_device_count=2``) gave the teacher
++5-18% images/s and the student nothing (200-step runs, alternated), so the quickstart does not
+set it.
 
-Where the time goes (AMD host, batch 256): the jitted teacher step alone 208-232 ms; a real run
-reaches ~1,000-1,120 images/s (~4 steps/s) for the teacher with tcmalloc preloaded, ~900 with
-glibc (XLA:CPU's temporaries are re-mapped and page-faulted every step), and ran ~1.6x slower
-still before the training stream stopped using ``Dataset.from_generator`` (which pins glibc's
-mmap threshold at 128 KiB; docs/PERFORMANCE.md). Earlier (2026-12-02) smaller teacher batches
-were tried: 128 at lr 5.6e-3 gave 87.29% and 64 at 3e-3 84.89% after 2 epochs, against 87.66%
-at 256 / 8e-3: more, smaller steps did not buy accuracy per epoch, so the recipe keeps 256.
+Speed: a real teacher run trains at ~1,700-1,900 images/s on this host with tcmalloc preloaded,
+against ~900-1,100 on the AMD host of the session before, where README command one with the
+former 3 + 3 epochs took 10 min 15 s: another host may need more than 10 minutes. With glibc's
+allocator XLA:CPU's temporaries are re-mapped and page-faulted every step, and the loop ran
+~1.6x slower still before the training stream stopped using ``Dataset.from_generator`` (which
+pins glibc's mmap threshold at 128 KiB; docs/PERFORMANCE.md).
 """
 
 from deit_jax.configs import common

@@ -1,6 +1,6 @@
 """The claims study (docs/REPRODUCTION.md): Fashion-MNIST, a data-efficient regime, 2 CPU cores.
 
-    python -m deit_jax.reproduce --workdir=workdirs/study --jobs=2   # the whole grid, ~51 min on 2 cores
+    python -m deit_jax.reproduce --workdir=workdirs/study --jobs=2   # the grid, ~51 min, 2 cores
     python -m deit_jax.reproduce --workdir=workdirs/study --cell=hard --seeds=1   # minutes
 
 Each run of the grid is ``python -m deit_jax.main`` with one of these variants:
