@@ -27,7 +27,10 @@ lr 85.66 / 156 s; batch 64 85.76 / 158 s. For the teacher: 3 / 4 / 5 epochs 88.8
 90.35%; batch 128 (same per-step lr, 3 epochs) 89.21% in 159 s, the time 4 epochs at 256 take
 (158 s). Two XLA CPU devices (``--xla_force_host_platform_device_count=2``) gave the teacher
 +9-18% images/s and the student +2-6% (200-step runs at batch 256, two alternated rounds,
-load 0.9-2.3), an estimated ~25 s of README command one; not set by the quickstart.
+load 0.9-2.3), an estimated ~25 s of README command one; not set by the quickstart. The
+teacher's forward in each student step costs 12-18% of the student's images/s (300-step runs
+at batch 128, hard vs the teacher-free cls2 kind, two rounds: ~1,370 vs ~1,540-1,660), the
+ceiling of what precomputed teacher logits could save (~30 s of the student's 207 s).
 
 Speed: a real teacher run trains at ~1,700-1,900 images/s on this host with tcmalloc preloaded,
 against ~900-1,100 on the AMD host of the session before, where README command one with the
