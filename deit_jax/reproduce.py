@@ -347,23 +347,28 @@ flags.DEFINE_string("cpus", "", "Cores this process runs on, e.g. '0' or '0,1' (
                     "`taskset -c` does); set by --jobs for its pieces.")
 
 
+def pin_to_cpus(cpus: str) -> None:
+    """Restricts this process to the cores ``cpus`` ('0' or '0,1'), as ``taskset -c`` does.
+
+    Call it before JAX starts: XLA:CPU sizes its thread pools to the cores it may use.
+    """
+    os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
 def main(argv):
     del argv
-    if FLAGS.cpus:  # before JAX starts its thread pools, which size themselves to these
-        os.sched_setaffinity(0, {int(c) for c in FLAGS.cpus.split(",")})
+    if FLAGS.cpus:
+        pin_to_cpus(FLAGS.cpus)
     cells = study.CELLS if FLAGS.cell == "all" else tuple(FLAGS.cell.split(","))
     if FLAGS.jobs > 1:
         args = [f"--train_size={FLAGS.train_size}", f"--student_epochs={FLAGS.student_epochs}",
                 f"--teacher_epochs={FLAGS.teacher_epochs}"]
         run_in_parallel(FLAGS.workdir, cells=cells, seeds=FLAGS.seeds,
                         first_seed=FLAGS.first_seed, jobs=FLAGS.jobs, args=args)
-        with open(os.path.join(FLAGS.workdir, "table.md")) as f:
-            print(f.read(), flush=True)
-        return
-    rows = run(FLAGS.workdir, cells=cells, seeds=FLAGS.seeds, train_size=FLAGS.train_size,
-               student_epochs=FLAGS.student_epochs, teacher_epochs=FLAGS.teacher_epochs,
-               first_seed=FLAGS.first_seed)
-    del rows
+    else:
+        run(FLAGS.workdir, cells=cells, seeds=FLAGS.seeds, train_size=FLAGS.train_size,
+            student_epochs=FLAGS.student_epochs, teacher_epochs=FLAGS.teacher_epochs,
+            first_seed=FLAGS.first_seed)
     with open(os.path.join(FLAGS.workdir, "table.md")) as f:
         print(f.read(), flush=True)
 

@@ -191,3 +191,18 @@ def test_parallel_pieces_get_their_own_cores_and_a_failure_stops_the_grid(tmp_pa
     with pytest.raises(ValueError, match="--jobs=8: this process may use 4 cores"):
         reproduce.run_in_parallel(str(tmp_path), cells=("none",), seeds=1, first_seed=0,
                                   jobs=8, args=[])
+
+
+def test_cpus_pins_the_process_to_those_cores():
+    """What --jobs gives each piece: the process may then run on those cores only."""
+    import subprocess
+    import sys
+
+    first = min(os.sched_getaffinity(0))
+    code = ("import os; from deit_jax import reproduce; "
+            f"reproduce.pin_to_cpus('{first}'); print(sorted(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(
+                             os.path.dirname(os.path.abspath(__file__)))}).stdout
+    assert out.split("\n")[-2] == f"[{first}]"
