@@ -25,9 +25,12 @@ the 3-epoch teacher of 88.85%, fused top-1, seconds of the run): batch 256 lr 4e
 default) 84.77 / 155 s; batch 256 at twice the lr 84.81 / 155 s; batch 128 at the same per-step
 lr 85.66 / 156 s; batch 64 85.76 / 158 s. For the teacher: 3 / 4 / 5 epochs 88.85 / 89.76 /
 90.35%; batch 128 (same per-step lr, 3 epochs) 89.21% in 159 s, the time 4 epochs at 256 take
-(158 s). Two XLA CPU devices (``--xla_force_host_platform_device_count=2``) gave the teacher
-+9-18% images/s and the student +2-6% (200-step runs at batch 256, two alternated rounds,
-load 0.9-2.3), an estimated ~25 s of README command one; not set by the quickstart. The
+(158 s). At the defaults (4 epochs, batch 128), from a 5-epoch teacher of 90.25%, fused
+top-1 86.67% (the default lr), 86.62% (twice the lr, 1.6e-2) and 86.42% (no label smoothing),
+each ~235 s of `deit_jax.main` (2026-12-03, load 0.0 before): no lever there. Two XLA CPU devices
+(``--xla_force_host_platform_device_count=2``) gave the teacher +9-18%
+images/s and the student +2-6% (200-step runs at batch 256, two alternated rounds, load 0.9-2.3),
+an estimated ~25 s of README command one; not set by the quickstart. The
 teacher's forward in each student step costs 12-18% of the student's images/s (300-step runs
 at batch 128, hard vs the teacher-free cls2 kind, two rounds: ~1,370 vs ~1,540-1,660), the
 ceiling of what precomputed teacher logits could save (~30 s of the student's 207 s).
