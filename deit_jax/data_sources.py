@@ -400,13 +400,22 @@ def get_source(config: ml_collections.ConfigDict, split: str, image_size: int) -
     """The source of ``split`` ('train' or 'eval') as ``config.dataset`` describes it."""
     ds = config.dataset
     if ds.name == "fashion_mnist":
-        source = fashion_mnist(split, ds.data_dir or None, ds.download)
-        # 'train[:N]': the first N training examples (data-efficient studies, reproduce.py).
-        match = re.fullmatch(r"train\[:(\d+)\]", ds.train_split) if split == "train" else None
-        if match and not 0 < int(match[1]) <= source.num_examples:
-            raise DataError(f"dataset.train_split={ds.train_split!r}: N must be in 1.."
-                            f"{source.num_examples}")
-        return source.slice(0, int(match[1])) if match else source
+        key = "train_split" if split == "train" else "eval_split"
+        spec = ds[key]
+        # 'train' | 'test' ('validation': the test set, the base config's default), each
+        # optionally '[:N]', the first N examples (data-efficient studies, reproduce.py).
+        match = re.fullmatch(r"(train|test|validation)(?:\[:(\d+)\])?", spec)
+        if not match:
+            raise DataError(f"dataset.{key}={spec!r}: Fashion-MNIST has the splits 'train' "
+                            "and 'test' ('validation' = 'test'), optionally '[:N]', e.g. "
+                            "'train[:6000]'")
+        source = fashion_mnist("train" if match[1] == "train" else "test", ds.data_dir or None,
+                               ds.download)
+        if match[2] is None:
+            return source
+        if not 0 < int(match[2]) <= source.num_examples:
+            raise DataError(f"dataset.{key}={spec!r}: N must be in 1..{source.num_examples}")
+        return source.slice(0, int(match[2]))
     if ds.name == "synthetic":
         n = ds.synthetic_train_size if split == "train" else ds.synthetic_eval_size
         return synthetic(split, n, ds.num_classes, image_size)

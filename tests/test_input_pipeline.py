@@ -648,6 +648,42 @@ def test_tfds_startup_errors(tfds_dir, tmp_path):
 
 
 @pytest.mark.parametrize("on_device", [True, False])
+def write_idx(path, array):
+    """An idx file as Fashion-MNIST ships it (gzip; magic 0 0 8 ndim, big-endian dims)."""
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_splits_are_honoured_or_refused(tmp_path):
+    # Train images are 0..19, test images 100..104, each filling its 28x28 image.
+    for prefix, values in (("train", np.arange(20)), ("t10k", np.arange(100, 105))):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz",
+                  np.broadcast_to(values[:, None, None], (len(values), 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", values % 10)
+    c = common.base_config()
+    c.dataset.name, c.dataset.num_classes, c.dataset.data_dir = "fashion_mnist", 10, str(tmp_path)
+
+    def first_pixels(split, **dataset):
+        c.dataset.update(dataset)
+        source = ip.get_source(c, split, 28)
+        return [int(source.load(tf.constant(i, tf.int64))[0][0, 0, 0])
+                for i in range(source.num_examples)]
+
+    assert first_pixels("train") == list(range(20))
+    assert first_pixels("eval") == list(range(100, 105))  # 'validation', the default: the test set
+    assert first_pixels("train", train_split="train[:3]") == [0, 1, 2]
+    assert first_pixels("eval", eval_split="train[:4]") == [0, 1, 2, 3]  # train accuracy
+    assert first_pixels("eval", eval_split="test[:2]") == [100, 101]
+    assert first_pixels("train", train_split="test") == list(range(100, 105))
+    for key, spec in (("eval_split", "val"), ("train_split", "train[:50%]"),
+                      ("train_split", "train[:21]")):
+        with pytest.raises(ip.DataError, match=f"dataset.{key}="):
+            first_pixels("train" if key == "train_split" else "eval", **{key: spec})
+
+
 def test_input_benchmark_times_the_host_side_of_each_path(folder, on_device):
     from deit_jax import benchmark
 
