@@ -12,28 +12,23 @@ dist head and the fused output, with the student's cls/dist token cosines. Each 
         --config.distillation.teacher_init=DIR/teacher
 
 The recipe is DeiT's, scaled down: AdamW, warmup + cosine (per step), label smoothing; no
-crops, RandAugment, mixup, erasing or EMA for a run of three epochs per stage.
+crops, RandAugment, mixup, erasing or EMA for runs of a few epochs per stage.
 Teacher and student see the same 28x28 images (no resizing).
 
 Measured (2026-12-03, 2 CPU cores, one seed; README.md has the fresh-clone run of README
 command one): with these defaults (teacher 5 epochs at batch 256, student 4 at batch 128)
-teacher 90.35%, student fused 86.39%; README command one 8 min 14 s on this session's AMD EPYC
-host. The student goal (fused >= 88%) is not met: at batch 128 the student reaches 85.66 /
-87.36% fused after 3 / 6 epochs (~37 s per epoch here), so 88% needs at least 7-8 epochs, which
-do not fit the 10 minutes with the 5-epoch teacher. Levers measured for the student (3 epochs,
-the 3-epoch teacher of 88.85%, fused top-1, seconds of the run): batch 256 lr 4e-3 (the former
-default) 84.77 / 155 s; batch 256 at twice the lr 84.81 / 155 s; batch 128 at the same per-step
-lr 85.66 / 156 s; batch 64 85.76 / 158 s. For the teacher: 3 / 4 / 5 epochs 88.85 / 89.76 /
-90.35%; batch 128 (same per-step lr, 3 epochs) 89.21% in 159 s, the time 4 epochs at 256 take
-(158 s). At the defaults (4 epochs, batch 128), from a 5-epoch teacher of 90.25%, fused
-top-1 86.67% (the default lr), 86.62% (twice the lr, 1.6e-2) and 86.42% (no label smoothing),
-each ~235 s of `deit_jax.main` (2026-12-03, load 0.0 before): no lever there. Two XLA CPU devices
-(``--xla_force_host_platform_device_count=2``) gave the teacher +9-18%
-images/s and the student +2-6% (200-step runs at batch 256, two alternated rounds, load 0.9-2.3),
-an estimated ~25 s of README command one; not set by the quickstart. The
-teacher's forward in each student step costs 12-18% of the student's images/s (300-step runs
-at batch 128, hard vs the teacher-free cls2 kind, two rounds: ~1,370 vs ~1,540-1,660), the
-ceiling of what precomputed teacher logits could save (~30 s of the student's 207 s).
+teacher 90.35%, student fused 86.39%; README command one 8 min 14 s on that session's host.
+The student goal (fused >= 88%) is not met: at batch 128 the student reaches 85.66 / 87.36%
+fused after 3 / 6 epochs, so 88% needs at least 7-8 epochs, which do not fit the 10 minutes
+with the 5-epoch teacher. README.md ("The quickstart") tables the levers tried for the student
+at 4 epochs (learning rate 0.5x / 2x, label smoothing, patch 4, width 128, depth 6, soft
+distillation, Adam b2 0.99 / 0.95): all land within 86.1-87.0% fused. Two XLA CPU devices
+(``--xla_force_host_platform_device_count=2``) gave the teacher +9-18% images/s and the
+student +2-6% (200-step runs at batch 256, two alternated rounds, load 0.9-2.3), an estimated
+~25 s of README command one; not set by the quickstart. The teacher's forward in each student
+step costs 12-18% of the student's images/s (300-step runs at batch 128, hard vs the
+teacher-free cls2 kind, two rounds: ~1,370 vs ~1,540-1,660), the ceiling of what precomputed
+teacher logits could save (~30 s of the student's 207 s).
 
 Speed: a real teacher run trains at ~1,700-1,900 images/s on this host with tcmalloc preloaded,
 against ~900-1,100 on the AMD host of the session before, where README command one with the
