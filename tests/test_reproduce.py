@@ -24,6 +24,11 @@ def test_study_configs_per_cell():
     teacher = study.get_config("role=teacher_deit")
     assert teacher.model.name == "deit_fmnist_patch7_28" and teacher.model.embed_dim is None
     assert study.get_config("train_size=600").dataset.train_split == "train[:600]"
+    # The student the grid of docs/REPRODUCTION.md was measured with, whatever the quickstart's.
+    for cell in ("none", "hard", "cls2"):
+        m, o = study.get_config(f"cell={cell}").model, study.get_config(f"cell={cell}").optim
+        assert (m.patch_size, m.embed_dim, m.depth, m.num_heads, o.lr, o.b2) == (
+            7, 96, 4, 3, 4e-3, 0.999)
     with pytest.raises(ValueError, match="cell must be one of"):
         study.get_config("cell=bogus")
 
