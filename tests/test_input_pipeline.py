@@ -328,6 +328,14 @@ def test_the_training_stream_leaves_mallocs_mmap_threshold_alone():
     assert faults["generator"] > 4 * faults["train_batches"] + 200, faults
 
 
+def test_streams_run_without_tf_datas_autotuning_model():
+    # With it, destroying an iterator waits for the model's thread, asleep for up to a minute:
+    # closing the training stream after a stage took 14-42 s in half the runs (the quickstart).
+    assert ip._options().autotune.enabled is False
+    ds = tf.data.Dataset.range(4).with_options(ip._options())
+    assert ds.options().autotune.enabled is False
+
+
 def test_in_memory_sources_skip_the_fallback_and_give_the_same_batches():
     # Array sources (Fashion-MNIST, synthetic) map load directly; the batches must be those of
     # the decode-with-fallback path, crop-free recipe (the quickstart's) and a cropping one.
@@ -647,7 +655,6 @@ def test_tfds_startup_errors(tfds_dir, tmp_path):
         ip.tfds_source("deit_test_images", "train", tfrecord_dir)
 
 
-@pytest.mark.parametrize("on_device", [True, False])
 def write_idx(path, array):
     """An idx file as Fashion-MNIST ships it (gzip; magic 0 0 8 ndim, big-endian dims)."""
     import gzip
@@ -684,6 +691,7 @@ def test_fashion_mnist_splits_are_honoured_or_refused(tmp_path):
             first_pixels("train" if key == "train_split" else "eval", **{key: spec})
 
 
+@pytest.mark.parametrize("on_device", [True, False])
 def test_input_benchmark_times_the_host_side_of_each_path(folder, on_device):
     from deit_jax import benchmark
 
