@@ -52,8 +52,10 @@ from deit_jax.errors import ConfigError
 # before a run gives up. Several consecutive bad files mean unreadable storage, not a few
 # corrupt JPEGs, and training on would be training on nothing.
 TRAIN_DECODE_ATTEMPTS = 8
-# Decodes in flight; tf.data's autotuner picks the parallelism up to this.
+# Decodes in flight (the interleave over one-element datasets), and the parallel map calls:
+# fixed, as tf.data's autotuning model is off (``_options``).
 _CYCLE = max(8, os.cpu_count() or 1)
+_PARALLEL = os.cpu_count() or 1
 _NO_END = 2**62  # Dataset.range's stop for the endless training stream of epochs
 
 
@@ -218,6 +220,13 @@ def _options() -> tf.data.Options:
     options.threading.max_intra_op_parallelism = 1
     options.experimental_optimization.map_parallelization = True
     options.experimental_optimization.inject_prefetch = True
+    # No autotuning model: destroying an iterator waits for its optimisation thread, which
+    # sleeps up to a minute between rounds. Closing the training stream at the end of a run
+    # took 14-42 s in 3 of 6 runs with it (py-spy: the main thread in the RootDataset
+    # iterator's destructor, waiting on a tf.data thread; no CPU spent), 0.004 s in 3 of 3
+    # without; the quickstart teacher ran at ~2,060 vs ~1,830 images/s without
+    # (docs/PERFORMANCE.md). Parallelism is therefore set explicitly (_PARALLEL, _CYCLE).
+    options.autotune.enabled = False
     return options
 
 
@@ -263,14 +272,14 @@ def _decoded(ds: tf.data.Dataset, source: Source, attempts: int,
         # Nothing to decode, nothing that can fail: the same elements, without the
         # one-element datasets (about half the host time of a 28x28 image).
         return ds.map(lambda e: {**e, **load_example(source, e["index"]), "loaded": e["index"]},
-                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                      num_parallel_calls=_PARALLEL, deterministic=True)
     first_loadable = _decode_with_fallback(source, attempts, load)
 
     def expand(element):
         return first_loadable(element).map(lambda example: {**element, **example})
 
     return ds.interleave(expand, cycle_length=_CYCLE, block_length=1,
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+                         num_parallel_calls=_CYCLE, deterministic=True)
 
 
 def _strict(config: ml_collections.ConfigDict) -> bool:
@@ -402,7 +411,7 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
     ds = tf.data.Dataset.range(start_step // n_steps, _NO_END).map(epoch_tensors).unbatch()
     ds = _decoded(ds, source, 1 if strict else TRAIN_DECODE_ATTEMPTS,
                   load_cropped if crop_aware else None)
-    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(transform, num_parallel_calls=_PARALLEL, deterministic=True)
     ds = ds.batch(layout.host_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     ds = ds.with_options(_options())
     errors = DecodeErrors("train")
@@ -473,7 +482,7 @@ def eval_batches(config: ml_collections.ConfigDict, source: Source, layout: Layo
 
     ds = tf.data.Dataset.from_tensor_slices({"index": indices.astype(np.int64), "mask": mask})
     ds = _decoded(ds, source, 1)
-    ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(apply, num_parallel_calls=_PARALLEL, deterministic=True)
     ds = ds.batch(host_batch).prefetch(tf.data.AUTOTUNE).with_options(_options())
     errors = DecodeErrors("eval")
 

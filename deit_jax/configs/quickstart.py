@@ -100,8 +100,8 @@ def get_config(arg=None):
         c.optim.b2 = 0.95
         c.distillation.kind = "hard"
         c.distillation.teacher = teacher
-        c.num_epochs = 10.0
-        c.eval_every_epochs = 10.0
+        c.num_epochs = 11.0
+        c.eval_every_epochs = 11.0
     if arg.epochs:
         c.num_epochs = arg.epochs
         c.eval_every_epochs = arg.epochs
