@@ -15,14 +15,13 @@ The recipe is DeiT's, scaled down: AdamW, warmup + cosine (per step), label smoo
 crops, RandAugment, mixup, erasing or EMA for runs of a few epochs per stage.
 Teacher and student see the same 28x28 images (no resizing).
 
-Measured (2026-12-03, 2 CPU cores, one seed; README.md has the fresh-clone run of README
-command one): with these defaults (teacher 5 epochs at batch 256, student 4 at batch 128)
-teacher 90.35%, student fused 86.39%; README command one 8 min 14 s on that session's host.
-The student goal (fused >= 88%) is not met: at batch 128 the student reaches 85.66 / 87.36%
-fused after 3 / 6 epochs, so 88% needs at least 7-8 epochs, which do not fit the 10 minutes
-with the 5-epoch teacher. README.md ("The quickstart") tables the levers tried for the student
-at 4 epochs (learning rate 0.5x / 2x, label smoothing, patch 4, width 128, depth 6, soft
-distillation, Adam b2 0.99 / 0.95): all land within 86.1-87.0% fused. Two XLA CPU devices
+Measured (2026-12-07, 2 CPU cores, one seed; README.md has the whole fresh-clone run): with
+these defaults (teacher 5 epochs at batch 256; student of width 64, 11 epochs at batch 128,
+Adam b2 0.95) README command one took 9 min 34 s: teacher 90.25%, student fused 88.17%, each
+goal met narrowly. README.md ("The quickstart") tables the levers tried for the student of
+before (width 96, 4 epochs: lr 0.5x / 2x, label smoothing, patch 4, width 128, depth 6, soft
+distillation, Adam b2 0.99 / 0.95; all within 86.1-87.0% fused) and the epochs it takes.
+Two XLA CPU devices
 (``--xla_force_host_platform_device_count=2``) gave the teacher +9-18% images/s and the
 student +2-6% (200-step runs at batch 256, two alternated rounds, load 0.9-2.3), an estimated
 ~25 s of README command one; not set by the quickstart. The teacher's forward in each student
