@@ -5,8 +5,8 @@
         --variants=timm,all,none,gelu,dense,layernorm
 
 ``--config``: ``ti`` (DeiT-Ti distilled, 224, batch 32, no teacher) or ``student`` (the
-quickstart's student: 28x28, patch 7, width 96, depth 4, 3 heads, 10 classes, batch 256; the
-quickstart itself trains it at batch 128 since 2026-12-03).
+quickstart's student until 2026-12-07: 28x28, patch 7, width 96, depth 4, 3 heads, 10 classes,
+batch 256; the quickstart now trains width 64 with 2 heads at batch 128).
 ``--variants``: ``timm`` (benchmarks/timm_reference.py) and lever sets of
 benchmarks/cpu_levers.py (``all`` = the project as shipped, ``none`` = flax's Dense,
 LayerNorm and erf GELU, or a comma-free single lever name). Every round runs each variant once,

@@ -220,12 +220,9 @@ def _options() -> tf.data.Options:
     options.threading.max_intra_op_parallelism = 1
     options.experimental_optimization.map_parallelization = True
     options.experimental_optimization.inject_prefetch = True
-    # No autotuning model: destroying an iterator waits for one of its threads, most likely
-    # the model's optimisation thread, asleep up to a minute between rounds. Closing the
-    # training stream at the end of a run took 14-42 s in 4 of 7 runs with it (py-spy: the
-    # main thread in the RootDataset iterator's destructor, waiting on a tf.data thread; no
-    # CPU spent), 0.004 s in 3 of 3 without; the quickstart teacher ran at ~2,060 vs ~1,830
-    # images/s without (docs/PERFORMANCE.md). Parallelism is therefore set explicitly
+    # No autotuning model: with it, destroying an iterator waited on one of its threads (most
+    # likely the model's, asleep up to a minute), 14-42 s in 4 of 7 runs at the end of a stage
+    # (docs/PERFORMANCE.md, "Closing a training stream"). Parallelism is set explicitly instead
     # (_PARALLEL, _CYCLE).
     options.autotune.enabled = False
     return options

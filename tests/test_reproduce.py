@@ -26,8 +26,9 @@ def test_study_configs_per_cell():
     assert study.get_config("train_size=600").dataset.train_split == "train[:600]"
     # The student the grid of docs/REPRODUCTION.md was measured with, whatever the quickstart's.
     for cell in ("none", "hard", "cls2"):
-        m, o = study.get_config(f"cell={cell}").model, study.get_config(f"cell={cell}").optim
-        assert (m.patch_size, m.embed_dim, m.depth, m.num_heads, o.lr, o.b2) == (
+        c = study.get_config(f"cell={cell}")
+        assert (c.model.patch_size, c.model.embed_dim, c.model.depth, c.model.num_heads,
+                c.optim.lr, c.optim.b2) == (
             7, 96, 4, 3, 4e-3, 0.999)
     with pytest.raises(ValueError, match="cell must be one of"):
         study.get_config("cell=bogus")

@@ -8,7 +8,7 @@ Each run of the grid is ``python -m deit_jax.main`` with one of these variants:
     :role=teacher_cnn             RegNetY-200MF on the training subset (the convnet teacher)
     :role=teacher_deit            a 4-block DeiT of width 192 on the same subset (the transformer
                                   teacher of the paper's Table 2)
-    :cell=none|soft|hard|hard_deit|cls2,seed=S   the student (the quickstart's DeiT): no
+    :cell=none|soft|hard|hard_deit|cls2,seed=S   the student (the quickstart's DeiT, 12-03): no
                                   distillation (no dist token), soft or hard distillation from
                                   the convnet teacher, hard distillation from the DeiT teacher,
                                   or the two-class-token ablation (both tokens on the labels)
