@@ -89,6 +89,24 @@ def test_no_import_cycle_and_no_top_level_configs():
             assert not [n for n in names if n.split(".")[0] == "configs"], path
 
 
+def test_importing_the_library_starts_no_jax_backend():
+    """A jnp array made at import time starts the backend, after which neither
+    jax.distributed.initialize nor jax_num_cpu_devices (benchmark --cpu_devices) can be set."""
+    # The command modules define absl flags at import (one per process); each is imported alone
+    # by the command tests.
+    commands = {"deit_jax.main", "deit_jax.quickstart", "deit_jax.reproduce"}
+    code = ("import importlib, pkgutil, deit_jax\n"
+            "from jax._src import xla_bridge\n"
+            "for m in pkgutil.walk_packages(deit_jax.__path__, 'deit_jax.'):\n"
+            f"    if m.name not in {sorted(commands)!r}:\n"
+            "        importlib.import_module(m.name)\n"
+            "        assert not xla_bridge._backends, m.name\n"
+            "import jax.numpy as jnp; jnp.zeros(1)\n"
+            "assert xla_bridge._backends  # the check sees a started backend\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env, timeout=300)
+
+
 def test_no_module_over_500_lines():
     sizes = {p.relative_to(ROOT): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert max(sizes.values()) <= MAX_LINES, {p: n for p, n in sizes.items() if n > MAX_LINES}

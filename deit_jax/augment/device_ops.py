@@ -26,7 +26,9 @@ import numpy as np
 
 from deit_jax.augment.policy import IMAGENET_MEAN_UINT8
 
-_CHANNELS = jnp.arange(3)
+# numpy, not jnp: a jnp array made at import would start the JAX backend (and fix its device
+# count, see benchmark --cpu_devices) before any command has chosen its configuration.
+_CHANNELS = np.arange(3)
 
 
 def _luma(image: jax.Array) -> jax.Array:
