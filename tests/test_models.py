@@ -93,6 +93,45 @@ def test_calling_convention_and_token_layout():
     assert not isinstance(out, tuple) and out.shape == (3, 1000)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_major_attention_equals_dot_product_attention(dtype):
+    """attention_impl=None (the head-major einsums) against jax.nn.dot_product_attention in
+    [batch, tokens, heads, head_dim] (implementation='xla', the layout of attention_impl='cudnn'):
+    the same parameters, outputs, gradients and sown attention weights."""
+    x = jnp.asarray(np.random.RandomState(0).randn(3, 11, 48), dtype)
+    head_major, fused = vit.Attention(3, dtype), vit.Attention(3, dtype, "xla")
+    params = head_major.init(jax.random.key(0), x)
+    other = fused.init(jax.random.key(0), x)
+    assert jax.tree.structure(params) == jax.tree.structure(other)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(other)):
+        np.testing.assert_array_equal(a, b)
+    assert params["params"]["qkv"]["kernel"].shape == (48, 144)
+    # Weights of order 1 (not init's 0.02), so that attention is far from uniform.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = tree.unflatten([0.3 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+
+    def loss(module):
+        def f(p, x):
+            out, state = module.apply(p, x, mutable=["intermediates"])
+            return (out.astype(jnp.float32) ** 2).sum(), state["intermediates"]["attention"][0]
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+    (value, probs), grads = loss(head_major)(params, x)
+    (value_f, probs_f), grads_f = loss(fused)(params, x)
+    assert probs.shape == (3, 3, 11, 11) and probs.dtype == jnp.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert probs.max() > 0.5  # far from uniform (1/11)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(probs, probs_f, atol=tol)
+    np.testing.assert_allclose(value, value_f, rtol=tol)
+    assert float(value) > 1.0
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_f)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, atol=tol * np.abs(b).max())
+
+
 def test_stochastic_depth_rates_match_timm():
     for rate, depth in ((0.1, 12), (0.3, 5), (0.0, 3)):
         expected = [x.item() for x in torch.linspace(0, rate, depth)]

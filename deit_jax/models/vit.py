@@ -67,8 +67,29 @@ class PatchEmbed(nn.Module):
         return x.reshape(b, h * w, d)
 
 
+class _DenseParams(nn.Module):
+    """The parameters of a ``_dense`` layer (``kernel [k, n]``, ``bias [n]``), not applied."""
+
+    in_features: int
+    features: int
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        return (self.param("kernel", _init_02, (self.in_features, self.features)),
+                self.param("bias", nn.initializers.zeros, (self.features,)))
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (with bias), as timm."""
+    """Multi-head self-attention with one fused qkv projection (with bias), as timm.
+
+    Parameters ``qkv`` (``kernel [d, 3d]``, ``bias [3d]``) and ``proj`` (``[d, d]``, ``[d]``) in
+    either implementation. ``attention_impl=None`` (XLA, any backend) computes in the head-major
+    layout ``[batch, heads, tokens, head_dim]``: the kernels are reshaped (free) so that the
+    projections produce and consume that layout in their einsums, and no head split or merge
+    is a copy of its own (on the CPU: DeiT-Ti's attention forward and backward -30%,
+    docs/PERFORMANCE.md). A named implementation (``'cudnn'``: flash attention on NVIDIA GPUs)
+    gets ``jax.nn.dot_product_attention``'s ``[batch, tokens, heads, head_dim]``.
+    """
 
     num_heads: int
     dtype: Dtype = jnp.float32
@@ -78,19 +99,35 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[batch, tokens, dim] -> [batch, tokens, dim]."""
         b, n, d = x.shape
-        head_dim = d // self.num_heads
-        qkv = _dense(3 * d, self.dtype, "qkv")(x)
-        # timm reshapes the fused output as (3, heads, head_dim): q, k, v in that order.
-        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
-        # Scale head_dim**-0.5 (the default). None = XLA's implementation (any backend);
-        # 'cudnn' = cuDNN flash attention on NVIDIA GPUs. Softmax runs in float32 either way.
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
-        if self.is_mutable_collection("intermediates"):
-            # Analysis only (deit_jax.analyze): the attention weights [batch, heads, n, n], which
-            # the fused kernel never materialises. Recomputed here, so outputs are unchanged.
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * head_dim**-0.5
-            self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
-        return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
+        h = self.num_heads
+        hd = d // h
+        scale = hd**-0.5  # timm's default
+        if self.attention_impl is not None:
+            qkv = _dense(3 * d, self.dtype, "qkv")(x)
+            # timm reshapes the fused output as (3, heads, head_dim): q, k, v in that order.
+            q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, h, hd), 2, 0)
+            # Softmax in float32 inside the kernel.
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+            if self.is_mutable_collection("intermediates"):
+                # Analysis only (deit_jax.analyze): the attention weights [batch, heads, n, n],
+                # which the fused kernel never materialises. Recomputed: outputs are unchanged.
+                logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+                self.sow("intermediates", "attention", jax.nn.softmax(logits, axis=-1))
+            return _dense(d, self.dtype, "proj")(out.reshape(b, n, d))
+        w, bias = _DenseParams(d, 3 * d, name="qkv")()
+        x, w, bias = nn.dtypes.promote_dtype(x, w, bias, dtype=self.dtype)
+        # The kernel's output axis is timm's (3, heads, head_dim): q, k, v in that order.
+        q, k, v = (jnp.einsum("bnd,dshk->sbhnk", x, w.reshape(d, 3, h, hd))
+                   + bias.reshape(3, 1, h, 1, hd))
+        # Scale and softmax in float32, as jax.nn.dot_product_attention's XLA implementation.
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits * scale, axis=-1)
+        # Analysis only (deit_jax.analyze): the attention weights [batch, heads, n, n].
+        self.sow("intermediates", "attention", probs)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+        wp, bp = _DenseParams(d, d, name="proj")()
+        out, wp, bp = nn.dtypes.promote_dtype(out, wp, bp, dtype=self.dtype)
+        return jnp.einsum("bhnk,hkd->bnd", out, wp.reshape(h, hd, d)) + bp
 
 
 class Mlp(nn.Module):
