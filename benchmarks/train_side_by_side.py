@@ -6,10 +6,13 @@
 
 ``--config``: ``ti`` (DeiT-Ti distilled, 224, batch 32, no teacher) or ``student`` (the
 quickstart's student until 2026-12-07: 28x28, patch 7, width 96, depth 4, 3 heads, 10 classes,
-batch 256; the quickstart now trains width 64 with 2 heads at batch 128).
+batch 256) or ``quickstart`` (the quickstart's student since 2026-12-07: width 64, 2 heads, batch
+128, the rest as ``student``).
 ``--variants``: ``timm`` (benchmarks/timm_reference.py) and lever sets of
 benchmarks/cpu_levers.py (``all`` = the project as shipped, ``none`` = flax's Dense,
-LayerNorm and erf GELU, or a comma-free single lever name). Every round runs each variant once,
+LayerNorm and erf GELU, a single lever name, or levers joined by ``+``: ``gelu+dense+layernorm``
+= all but the head-major attention); ``@N`` after a variant runs it on N XLA CPU devices
+(``--cpu_devices=N``: ``all@2``). Every round runs each variant once,
 in the order given; the 1-minute load average is recorded before each run. Prints one JSON line
 per run and, at the end, a Markdown table of medians and each variant's ratio to timm (the
 median of the per-round ratios). ``--out`` keeps the JSON lines.
@@ -31,6 +34,9 @@ CONFIGS = {
     "student": ["--model=deit_tiny_distilled_patch16_224", "--img_size=28", "--patch_size=7",
                 "--embed_dim=96", "--depth=4", "--num_heads=3", "--num_classes=10",
                 "--batch_size=256", "--steps=20", "--warmup=3"],
+    "quickstart": ["--model=deit_tiny_distilled_patch16_224", "--img_size=28", "--patch_size=7",
+                   "--embed_dim=64", "--depth=4", "--num_heads=2", "--num_classes=10",
+                   "--batch_size=128", "--steps=200", "--warmup=5"],
 }
 
 
@@ -44,8 +50,9 @@ def run_one(variant: str, config: str) -> dict:
     if variant == "timm":
         cmd = [sys.executable, os.path.join(HERE, "timm_reference.py"), "--no_flops"] + args
     else:
-        cmd = [sys.executable, os.path.join(HERE, "cpu_levers.py"), f"--levers={variant}",
-               "--"] + args
+        levers, _, devices = variant.partition("@")
+        cmd = [sys.executable, os.path.join(HERE, "cpu_levers.py"), f"--levers={levers}",
+               "--"] + args + ([f"--cpu_devices={devices}"] if devices else [])
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     load = _load()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)

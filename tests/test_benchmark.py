@@ -105,6 +105,16 @@ def test_import_pulls_in_no_tensorflow_or_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env, timeout=120)
 
 
+def test_cpu_devices_flag_sets_the_device_count():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's 8 devices
+    out = subprocess.run([sys.executable, "-m", "deit_jax.benchmark", "--cpu_devices=2",
+                          "--batch_size=4", "--steps=1", "--warmup=0",
+                          *_flags(**TINY)], check=True, cwd=ROOT, env=env,
+                         timeout=300, capture_output=True, text=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["devices"] == 2 and r["per_device_batch"] == 2 and r["images_per_sec"] > 0
+
+
 def test_timm_reference_same_fields():
     spec = importlib.util.spec_from_file_location("timm_reference",
                                                   ROOT / "benchmarks" / "timm_reference.py")
