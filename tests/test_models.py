@@ -103,13 +103,14 @@ def test_head_major_attention_equals_dot_product_attention(dtype):
     params = head_major.init(jax.random.key(0), x)
     other = fused.init(jax.random.key(0), x)
     assert jax.tree.structure(params) == jax.tree.structure(other)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(other)):
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(other), strict=True):
         np.testing.assert_array_equal(a, b)
     assert params["params"]["qkv"]["kernel"].shape == (48, 144)
     # Weights of order 1 (not init's 0.02), so that attention is far from uniform.
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = tree.unflatten([0.3 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves)])
+    params = tree.unflatten([0.3 * jax.random.normal(k, p.shape)
+                             for k, p in zip(keys, leaves, strict=True)])
 
     def loss(module):
         def f(p, x):
@@ -126,7 +127,7 @@ def test_head_major_attention_equals_dot_product_attention(dtype):
     np.testing.assert_allclose(probs, probs_f, atol=tol)
     np.testing.assert_allclose(value, value_f, rtol=tol)
     assert float(value) > 1.0
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_f)):
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_f), strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(b).max() > 0
         np.testing.assert_allclose(a, b, atol=tol * np.abs(b).max())
