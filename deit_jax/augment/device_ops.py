@@ -96,7 +96,7 @@ def equalize(image: jax.Array) -> jax.Array:
     present = hist > 0
     last = 255 - jnp.argmax(present[:, ::-1], axis=1)
     last_count = jnp.take_along_axis(hist, last[:, None], axis=1)[:, 0]
-    step = (hist.sum(axis=1) - last_count) // 256
+    step = (hist.sum(axis=1) - last_count) // 255  # PIL: // 255
     cum = jnp.cumsum(hist, axis=1) - hist  # exclusive
     lut = jnp.minimum((step[:, None] // 2 + cum) // jnp.maximum(step, 1)[:, None], 255)
     identity = (present.sum(axis=1) <= 1) | (step == 0)

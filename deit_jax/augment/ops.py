@@ -75,7 +75,7 @@ def equalize(image):
     present = hist > 0
     last = 255 - tf.argmax(tf.cast(present[:, ::-1], tf.int32), axis=1)
     last_count = tf.gather(hist, last, batch_dims=1)
-    step = (tf.reduce_sum(hist, axis=1) - last_count) // 256
+    step = (tf.reduce_sum(hist, axis=1) - last_count) // 255  # PIL: // 255
     cum = tf.math.cumsum(hist, axis=1, exclusive=True)
     lut = (step[:, None] // 2 + cum) // tf.maximum(step, 1)[:, None]
     # PIL's point() saturates lut entries above 255 (reachable for the top bin).
