@@ -8,10 +8,11 @@ of them alike, each pinned to CPU 1 (``taskset -c 1``):
 
   A  python -m deit_jax.benchmark --mode=input --on_device=true   (host: decode, crop, flip)
   B  benchmarks/input_reference.py                                (timm create_transform)
-  C  python -m deit_jax.benchmark --mode=input --on_device=false  (host: PIL-exact recipe)
+  C  python -m deit_jax.benchmark --mode=input --on_device=false  (host: PIL-exact recipe, Pillow)
+  E  ... --on_device=false --host_library=tensorflow              (the same as TF graph ops)
   D  ... --on_device=true --host_resize=fast                     (one resize pass, no antialias)
 
-then A and D on two cores (``taskset -c 0,1``) for the scaling. Prints every JSON record, then a
+then A, D and C on two cores (``taskset -c 0,1``) for the scaling. Prints every JSON record, then a
 table of medians: images/s (wall), CPU ms per image (process time: less sensitive to other
 processes on the core), and both as ratios to timm; the 1-minute load average is recorded with
 each run (the figures are only comparable on a quiet machine).
@@ -56,7 +57,10 @@ def main() -> None:
         "A deit_jax on_device=true (1 core)": (bench + ["--on_device=true"], "1"),
         "B timm/PIL create_transform (1 core)": (
             ["benchmarks/input_reference.py", f"--data_dir={data_dir}", n], "1"),
-        "C deit_jax on_device=false, PIL-exact (1 core)": (bench + ["--on_device=false"], "1"),
+        "C deit_jax on_device=false, PIL-exact, Pillow (1 core)": (
+            bench + ["--on_device=false"], "1"),
+        "E deit_jax on_device=false, PIL-exact, TF ops (1 core)": (
+            bench + ["--on_device=false", "--host_library=tensorflow"], "1"),
         "D deit_jax on_device=true, host_resize=fast (1 core)": (
             bench + ["--on_device=true", "--host_resize=fast"], "1"),
     }
@@ -67,7 +71,8 @@ def main() -> None:
             print(json.dumps({"run": name, **results[name][-1]}), flush=True)
     twos = {"A' deit_jax on_device=true (2 cores)": ["--on_device=true"],
             "D' deit_jax on_device=true, host_resize=fast (2 cores)":
-                ["--on_device=true", "--host_resize=fast"]}
+                ["--on_device=true", "--host_resize=fast"],
+            "C' deit_jax on_device=false, Pillow (2 cores)": ["--on_device=false"]}
     for _ in range(a.rounds):
         for two, flags in twos.items():
             results.setdefault(two, []).append(_run(bench + flags, "0,1"))
@@ -87,7 +92,8 @@ def main() -> None:
               f"{med(timm, 'cpu_ms_per_image') / med(name, 'cpu_ms_per_image'):.2f} | "
               f"{med(name, 'loadavg_1min'):.1f} |")
     ones = ("A deit_jax on_device=true (1 core)",
-            "D deit_jax on_device=true, host_resize=fast (1 core)")
+            "D deit_jax on_device=true, host_resize=fast (1 core)",
+            "C deit_jax on_device=false, PIL-exact, Pillow (1 core)")
     for two, one in zip(twos, ones, strict=True):
         print(f"2 cores / 1 core ({one[:1]}, images/s): "
               f"{med(two, 'images_per_sec') / med(one, 'images_per_sec'):.2f}")

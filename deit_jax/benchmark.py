@@ -289,13 +289,15 @@ def run(config: ml_collections.ConfigDict, *, mode: str = "train", steps_timed: 
 
 def run_input(data_dir: str, *, on_device: bool = True, images: int = 512,
               batch_size: int = 64, warmup: int = 2, image_size: int = 224,
-              seed: int = 0, host_resize: str = "pil") -> dict[str, Any]:
+              seed: int = 0, host_resize: str = "pil",
+              host_library: str = "pillow") -> dict[str, Any]:
     """Times the host side of the training input pipeline over the ImageFolder ``data_dir``.
 
     ``input_pipeline.train_batches`` with the full recipe (``base_config``'s aug) and
     ``aug.on_device``: True = decode, RandomResizedCrop + flip, uint8 hand-over (the step does
     the rest); False = the whole PIL-exact transform on the host; ``host_resize`` is
-    ``aug.host_resize`` (the crop's resize). One process, one device's
+    ``aug.host_resize`` (the crop's resize) and ``host_library`` ``aug.host_library`` (which
+    library runs the PIL-exact ops with on_device False). One process, one device's
     layout; ``images`` are timed after ``warmup`` batches (tf.data start-up, tracing).
     """
     # TensorFlow only here: the step benchmarks must run on images without it.
@@ -309,6 +311,7 @@ def run_input(data_dir: str, *, on_device: bool = True, images: int = 512,
     c.dataset.data_dir = data_dir
     c.aug.on_device = on_device
     c.aug.host_resize = host_resize
+    c.aug.host_library = host_library
     # Keep every full batch of a small benchmark folder (the official sampler's N // 256 * 256
     # epoch would keep none of fewer than 256 files); the per-image work is the same.
     c.aug.ra_multiple = 1
@@ -325,7 +328,8 @@ def run_input(data_dir: str, *, on_device: bool = True, images: int = 512,
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     n = steps_timed * batch_size
     return {"framework": "deit_jax", "mode": "input", "on_device": on_device,
-            "host_resize": host_resize, "image_dtype": str(batch["image"].dtype), "images": n,
+            "host_resize": host_resize, "host_library": host_library,
+            "image_dtype": str(batch["image"].dtype), "images": n,
             "batch_size": batch_size,
             "images_per_sec": n / seconds, "cpu_ms_per_image": 1e3 * cpu_seconds / n,
             "cpus": len(os.sched_getaffinity(0)), "loadavg_1min": load}
@@ -368,6 +372,9 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str] | None = None) -
     flags.DEFINE_integer("images", 512, "--mode=input: images timed.", **fv)
     flags.DEFINE_enum("host_resize", "pil", ["pil", "fast"],
                       "--mode=input: aug.host_resize, the crop's resize on the host.", **fv)
+    flags.DEFINE_enum("host_library", "pillow", ["pillow", "tensorflow"],
+                      "--mode=input: aug.host_library, which library computes the "
+                      "PIL-exact host transform (--on_device=false).", **fv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -381,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "benchmarks/input_make_data.py makes one)")
         result = run_input(a.data_dir, on_device=a.on_device != "false", images=a.images,
                            batch_size=a.batch_size, warmup=a.warmup, seed=a.seed,
-                           image_size=a.img_size or 224, host_resize=a.host_resize)
+                           image_size=a.img_size or 224, host_resize=a.host_resize,
+                           host_library=a.host_library)
         print(json.dumps(result), flush=True)
         return result
     if a.cpu_devices < 0:

@@ -46,7 +46,6 @@ from deit_jax.data_sources import (  # noqa: F401 - re-exported: train.py reads 
     synthetic,
     tfds_source,
 )
-from deit_jax.errors import ConfigError
 
 # Training: how many examples (the planned one, then the next ones in the split) are tried
 # before a run gives up. Several consecutive bad files mean unreadable storage, not a few
@@ -197,12 +196,13 @@ def crop_views_transform(config: ml_collections.ConfigDict, image_size: int, vie
     split index of the source's example 0 (``Source.slice``).
     """
     aug = config.aug
+    resize, library = host_aug.crop_pixels(aug)
 
     def transform(image, index):
         images, crops = host_aug.crop_views(
             image, view_seed(config.seed, index + index_offset), views=views, img_size=image_size,
             scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
-            interpolation=aug.interpolation)
+            interpolation=aug.interpolation, resize=resize, library=library)
         return {"image": images, "crop": crops}
 
     return transform
@@ -320,10 +320,7 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
         keys += ("view",)
         crop_table = tf.constant(crops, tf.int32)
 
-    resize = aug.get("host_resize", "pil")
-    if resize not in host_aug.HOST_RESIZE:
-        raise ConfigError(f"aug.host_resize={resize!r}; set --config.aug.host_resize to one "
-                          f"of {host_aug.HOST_RESIZE}")
+    resize, library = host_aug.crop_pixels(aug)
     # Crop-aware decoding (a JPEG decodes only its crop's window; the same pixels): for the
     # RandomResizedCrop recipes of sources that hand over encoded bytes.
     crop_aware = source.load_encoded is not None and not aug.three_augment
@@ -365,7 +362,7 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
                 hflip=aug.hflip, auto_augment=aug.auto_augment or None,
                 color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
                 re_count=aug.re_count, interpolation=aug.interpolation, crop=crop,
-                resize=resize)
+                resize=resize, library=library)
         out = {"image": image, "label": element["label"], "index": element["index"],
                "loaded": element["loaded"]}
         if crops is not None:

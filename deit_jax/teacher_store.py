@@ -258,10 +258,11 @@ class TeacherLogitsStore:
         if self.views is None:
             return
         stored = self.manifest["transform"]
-        # The seed only chose the stored views; any run may replay them.
+        # The seed only chose the stored views; any run may replay them. `pixels` (the crop's
+        # resize / library) is provenance: another one changes pixels by about a grey level.
         want = transform_record(config, image_size, self.views)
         differ = {k: (stored.get(k), v) for k, v in want.items()
-                  if k != "seed" and stored.get(k) != v}
+                  if k not in ("seed", "pixels") and stored.get(k) != v}
         if differ:
             raise ValueError(
                 f"{self.directory} stores crop views drawn with "
@@ -297,6 +298,8 @@ def attach(batches: Iterator[dict], store: TeacherLogitsStore) -> Iterator[dict]
 
 def transform_record(config: ml_collections.ConfigDict, image_size: int, views: int) -> dict:
     """The manifest's ``transform``: what the teacher saw of each example."""
+    from deit_jax.augment.host import crop_pixels  # TensorFlow: only when views are stored
+
     aug = config.aug
     if not views:
         return {"name": "eval", "image_size": image_size, "crop_ratio": aug.eval_crop_ratio,
@@ -304,5 +307,5 @@ def transform_record(config: ml_collections.ConfigDict, image_size: int, views: 
     return {"name": "crops", "views": views, "image_size": image_size,
             "interpolation": aug.interpolation, "scale": [float(x) for x in aug.scale],
             "ratio": [float(x) for x in aug.ratio], "hflip": float(aug.hflip),
-            "seed": config.seed}
+            "seed": config.seed, "pixels": "{}/{}".format(*crop_pixels(aug))}
 

@@ -71,6 +71,17 @@ def test_device_op_matches_host_op(name, arg, image, interpolation):
     assert (diff > 0).mean() < (0.005 if interpolation == 'bicubic' else 0.06), name
 
 
+def test_device_equalize_is_pils_on_many_images():
+    # As the host's (test_augment.test_equalize_is_pils_on_many_images): PIL's // 255 step.
+    run = jax.jit(device_ops.equalize)
+    for seed in range(10):
+        for shape in ((64, 64), (224, 224)):
+            image = _natural_image(*shape, seed=seed)
+            expected = np.asarray(ImageOps.equalize(Image.fromarray(image)))
+            np.testing.assert_array_equal(np.asarray(run(jnp.asarray(image))), expected,
+                                          err_msg=f'{shape} seed {seed}')
+
+
 def test_auto_contrast_lut_is_pils_for_every_channel_range():
     # Each channel holds exactly the values lo..hi (the LUT PIL builds for that range is
     # applied to all of them); 300 random ranges, plus the float64 rounding cases

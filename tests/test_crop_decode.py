@@ -166,3 +166,13 @@ def test_unknown_host_resize_is_a_config_error_before_any_decoding(jpeg_folder):
     source = ip.image_folder(os.path.join(jpeg_folder, "train"))
     with pytest.raises(ConfigError, match="--config.aug.host_resize"):
         ip.train_batches(config, source, ip.Layout(4, 0, 1, 2), image_size=24)
+
+
+def test_unknown_host_library_is_a_config_error_before_any_decoding(jpeg_folder):
+    config = common.base_config()
+    config.aug.ra_multiple = 1
+    config.aug.host_library = "opencv"
+    source = ip.image_folder(os.path.join(jpeg_folder, "train"))
+    with pytest.raises(ConfigError, match="--config.aug.host_library"):
+        ip.train_batches(config, source, ip.Layout(4, 0, 1, 2), image_size=24)
+

@@ -382,11 +382,19 @@ def test_on_device_hands_over_the_host_paths_uint8_crops_and_resumes_at_k():
         assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 4, IMG, IMG, 3)
         assert batch["label"].shape == batch["index"].shape == (2, 4)
     plain = make_config(auto_augment="", color_jitter=0.0, re_prob=0.0)
+    plain.aug.host_library = "tensorflow"  # the on-device path's crop resize: TF graph ops
     host = collect(ip.train_batches(plain, source, layout, image_size=IMG), 2)
-    for a, b in zip(full, host, strict=False):
+    plain.aug.host_library = "pillow"  # Pillow's resize: the same crops, PIL's own pixels
+    pillow = collect(ip.train_batches(plain, source, layout, image_size=IMG), 2)
+    for a, b, c in zip(full, host, pillow, strict=False):
         np.testing.assert_array_equal(a["index"], b["index"])
         np.testing.assert_array_equal(augment.normalize(tf.constant(a["image"])).numpy(),
                                       b["image"])
+        np.testing.assert_array_equal(b["index"], c["index"])
+        # The same views (the TF resize is PIL's but for a few pixels next to these images'
+        # saturated patches, up to 9 levels here): a different view would differ everywhere.
+        levels = np.abs(b["image"] - c["image"]) * np.array(augment.IMAGENET_STD) * 255
+        assert levels.mean() < 0.2, levels.mean()
     assert len({full[0]["image"][0, i].tobytes() for i in range(4)}) == 4
     resumed = collect(ip.train_batches(config, source, layout, image_size=IMG, start_step=3), 3)
     for a, b in zip(full[3:], resumed, strict=True):
@@ -589,9 +597,12 @@ def test_stored_views_replace_the_crop_and_follow_a_replaced_file(corrupt_folder
     assert {i + 1 for i in bad} <= set(index.tolist()) and not bad & set(index.tolist())
     assert set(view.tolist()) == {0, 1}
     for got, i, v in zip(image, index, view, strict=True):
-        raw = ip.load_example(source, tf.constant(i, tf.int64))["image"]
-        want = augment.normalize(augment.crop_flip(raw, crops[i, v], size=IMG))
-        np.testing.assert_array_equal(got, want.numpy())
+        raw = ip.load_example(source, tf.constant(i, tf.int64))["image"].numpy()
+        top, left, h, w, flip = (int(x) for x in crops[i, v])
+        pil = Image.fromarray(raw[top:top + h, left:left + w]).resize((IMG, IMG),
+                                                                     Image.BICUBIC)
+        want = np.asarray(pil)[:, ::-1] if flip else np.asarray(pil)  # PIL's own pixels
+        np.testing.assert_array_equal(got, augment.normalize(want).numpy())
     assert batches.errors.count == 4  # two epochs, two bad files each
 
 

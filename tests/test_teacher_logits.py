@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 from absl import flags
 from flax import jax_utils
+from PIL import Image
 
 from configs import deit_ti
 from deit_jax import (
@@ -286,10 +287,15 @@ def source_image(index):
         tf.constant(index, tf.int64))[0]
 
 
-@tf.function
 def render_view(image, crop):
-    """A stored view rendered from its parameters alone: crop, resize, flip, normalise."""
-    return augment.normalize(augment.crop_flip(image, crop, size=32, method="bicubic"))
+    """A stored view rendered from its parameters alone by PIL (the smoke config's crop is
+    Pillow's, aug.host_library='pillow'): crop, resize, flip, normalise."""
+    top, left, h, w, flip = (int(v) for v in crop)
+    pil = Image.fromarray(np.asarray(image)[top:top + h, left:left + w])
+    if (h, w) != (32, 32):
+        pil = pil.resize((32, 32), Image.BICUBIC)
+    view = np.asarray(pil)[:, ::-1] if flip else np.asarray(pil)
+    return augment.normalize(np.ascontiguousarray(view))
 
 
 def test_crop_store_holds_the_teacher_on_each_stored_view(crop_store_dir, store_dir, teacher):
@@ -297,7 +303,8 @@ def test_crop_store_holds_the_teacher_on_each_stored_view(crop_store_dir, store_
     assert manifest["format_version"] == 2 and manifest["top_k"] is None
     assert manifest["transform"] == {
         "name": "crops", "views": VIEWS, "image_size": 32, "interpolation": "bicubic",
-        "scale": [0.25, 1.0], "ratio": [0.75, 4 / 3], "hflip": 0.5, "seed": 0}
+        "scale": [0.25, 1.0], "ratio": [0.75, 4 / 3], "hflip": 0.5, "seed": 0,
+        "pixels": "pil/pillow"}
     shard = np.load(crop_store_dir / "shard-00001-of-00004.npz")
     assert shard["values"].shape == (SHARD, VIEWS, NUM_CLASSES)
     assert shard["crops"].shape == (SHARD, VIEWS, 5) and shard["crops"].dtype == np.int32

@@ -5,7 +5,8 @@ Two paths split the recipe at ``config.aug.on_device``:
 
 - host (TensorFlow, ``tf.data``; PIL-exact pixels): ``host`` (RandomResizedCrop, flip, resize,
   normalise, the eval view, the full ``train_transform``), ``ops`` (PIL's 8-bit ops),
-  ``randaugment``, ``jitter``, ``erasing``, ``tf_random`` (stateless seeds);
+  ``randaugment``, ``jitter``, ``erasing``, ``tf_random`` (stateless seeds), and ``pillow``
+  (the same crop, flip and RandAugment by Pillow itself, ``aug.host_library='pillow'``);
 - device (JAX, inside the pmapped train step): ``device_ops`` (the same 8-bit ops in jnp) and
   ``device`` (per-example draws, RandAugment, colour jitter, normalise, erasing, vmapped).
 
@@ -33,7 +34,7 @@ _HOST_NAMES = {
     'random_resized_crop_params': 'host', 'random_resized_crop': 'host',
     'crop_flip_params': 'host', 'crop_flip': 'host', 'crop_views': 'host',
     'normalize': 'host', 'eval_transform': 'host', 'train_transform': 'host',
-    'train_crop': 'host', 'train_view': 'host', 'HOST_RESIZE': 'host',
+    'train_crop': 'host', 'train_view': 'host', 'HOST_RESIZE': 'host', 'HOST_LIBRARY': 'host',
     'auto_contrast': 'ops', 'equalize': 'ops', 'invert': 'ops', 'posterize': 'ops',
     'solarize': 'ops', 'solarize_add': 'ops', 'color': 'ops', 'contrast': 'ops',
     'brightness': 'ops', 'sharpness': 'ops', 'affine': 'ops',

@@ -6,10 +6,11 @@ import math
 
 import tensorflow as tf
 
+from deit_jax.augment import pillow
 from deit_jax.augment.erasing import random_erasing
 from deit_jax.augment.jitter import color_jitter as _color_jitter
 from deit_jax.augment.policy import IMAGENET_MEAN, IMAGENET_STD, parse_rand_augment
-from deit_jax.augment.randaugment import rand_augment
+from deit_jax.augment.randaugment import rand_augment, rand_augment_layers
 from deit_jax.augment.tf_random import randint, split_seed, uniform
 
 # ---------------------------------------------------------------------------------------
@@ -89,6 +90,31 @@ def _resize(image, height, width, method):
 #          changes nothing), aliased when it is downscaled (mean 1.3 grey levels from PIL).
 HOST_RESIZE = ('pil', 'fast')
 
+# aug.host_library: which library computes the pixels of the host-exact transform
+# (``aug.on_device=False``): the crop's 'pil' resize, the flip and RandAugment.
+#   'pillow'      Pillow's own ops in one tf.numpy_function per image (`pillow.transform`):
+#                 PIL's pixels by construction, about half the CPU per image of the TF ops;
+#                 the Python around Pillow's C calls holds the GIL.
+#   'tensorflow'  the same ops redone as TensorFlow graph ops (`ops`, `randaugment`): no
+#                 Python on the hot path; the resize is PIL's to 1 grey level.
+# The draws are the same TensorFlow ones under both, so an example is augmented alike.
+HOST_LIBRARY = ('pillow', 'tensorflow')
+
+
+def crop_pixels(aug):
+    """(resize, library) of the training crop for a config's ``aug``: `HOST_RESIZE` and
+    `HOST_LIBRARY` (ConfigError naming the flag if not), Pillow only on the host-exact path
+    (``aug.on_device=False``); the device path's host crop is TensorFlow's."""
+    from deit_jax.errors import ConfigError
+
+    for key, default, allowed in (('host_resize', 'pil', HOST_RESIZE),
+                                  ('host_library', 'pillow', HOST_LIBRARY)):
+        if aug.get(key, default) not in allowed:
+            raise ConfigError(f"aug.{key}={aug.get(key)!r}; set --config.aug.{key} to one "
+                              f"of {allowed}")
+    library = 'tensorflow' if aug.get('on_device', False) else aug.get('host_library', 'pillow')
+    return aug.get('host_resize', 'pil'), library
+
 
 def _resize_fast(image, height, width, method):
     """One `tf.image.resize` pass without antialiasing; float32 integers in [0, 255]."""
@@ -147,13 +173,16 @@ def crop_flip(image_uint8, crop, *, size, method='bicubic', resize='pil'):
 
 
 def crop_views(image_uint8, seed, *, views, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-               hflip=0.5, interpolation='bicubic'):
+               hflip=0.5, interpolation='bicubic', resize='pil', library='tensorflow'):
     """`views` independent crop + flip views of one image, as `train_transform` makes them
     before its photometric part (precomputed teacher logits per view, FKD-style).
 
     Args:
       image_uint8: uint8 [height, width, 3].
       seed: int [2].
+    `resize` and `library` (`HOST_RESIZE`, `HOST_LIBRARY`) are the training path's, so that a
+    stored view's pixels are the ones training replays.
+
     Returns:
       (images float32 [views, img_size, img_size, 3] normalised, crops int32 [views, 5]).
     """
@@ -162,8 +191,14 @@ def crop_views(image_uint8, seed, *, views, img_size, scale=(0.08, 1.0), ratio=(
     for view_seed in split_seed(seed, views):
         crop = crop_flip_params(*split_seed(view_seed, 2), shape[0], shape[1], scale=scale,
                                 ratio=ratio, hflip=hflip)
-        images.append(normalize(crop_flip(image_uint8, crop, size=img_size,
-                                          method=interpolation)))
+        if library == 'pillow' and resize == 'pil':
+            no_ops = (tf.zeros([0], tf.int32), tf.zeros([0], tf.bool), tf.zeros([0], tf.float64))
+            view = pillow.transform(image_uint8, crop, no_ops, size=img_size,
+                                    interpolation=interpolation)
+        else:
+            view = crop_flip(image_uint8, crop, size=img_size, method=interpolation,
+                             resize=resize)
+        images.append(normalize(view))
         crops.append(crop)
     return tf.stack(images), tf.stack(crops)
 
@@ -203,7 +238,7 @@ def eval_transform(image_uint8, *, img_size, crop_ratio=0.875, interpolation='bi
 def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                     hflip=0.5, auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.3,
                     re_prob=0.25, re_mode='pixel', re_count=1, interpolation='bicubic',
-                    crop=None, resize='pil'):
+                    crop=None, resize='pil', library='pillow'):
     """The DeiT training transform, in timm `create_transform(is_training=True)` order.
 
     RandomResizedCrop -> horizontal flip -> RandAugment (colour jitter instead when
@@ -217,16 +252,33 @@ def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 
       crop: None, or a stored view int32 [5] (`crop_flip_params`) that replaces the crop and
         flip draws (`scale`, `ratio`, `hflip` are then unused); the rest is unchanged.
       resize: `HOST_RESIZE`, how the crop is resized.
+      library: `HOST_LIBRARY`, which library computes the crop, flip and RandAugment pixels.
     Returns:
       float32 [img_size, img_size, 3], normalised.
     """
+    if library not in HOST_LIBRARY:
+        raise ValueError(f"aug.host_library={library!r}; expected one of {HOST_LIBRARY}")
     _, _, s_color, s_erase = split_seed(seed, 4)
-    image = train_crop(image_uint8, seed, img_size=img_size, scale=scale, ratio=ratio,
-                       hflip=hflip, interpolation=interpolation, crop=crop, resize=resize)
-    if auto_augment:
-        image = rand_augment(image, s_color, interpolation=interpolation,
-                             **parse_rand_augment(auto_augment))
-    elif color_jitter:
+    if library == 'pillow' and (auto_augment or resize == 'pil'):
+        if crop is None:
+            shape = tf.shape(image_uint8)
+            crop = train_view(seed, shape[0], shape[1], scale=scale, ratio=ratio, hflip=hflip)
+        ra = parse_rand_augment(auto_augment) if auto_augment else dict(num_ops=0)
+        draws = rand_augment_layers(s_color, **ra)  # num_ops 0: no layers
+        if resize != 'pil':  # the crop resized by TensorFlow ('fast'), the rest by Pillow
+            image_uint8 = crop_flip(image_uint8, crop, size=img_size, method=interpolation,
+                                    resize=resize)
+            crop = None
+        image = pillow.transform(image_uint8, crop, draws, size=img_size,
+                                 increasing=ra.get('increasing', True),
+                                 interpolation=interpolation)
+    else:
+        image = train_crop(image_uint8, seed, img_size=img_size, scale=scale, ratio=ratio,
+                           hflip=hflip, interpolation=interpolation, crop=crop, resize=resize)
+        if auto_augment:
+            image = rand_augment(image, s_color, interpolation=interpolation,
+                                 **parse_rand_augment(auto_augment))
+    if not auto_augment and color_jitter:  # timm: no colour jitter under RandAugment
         image = _color_jitter(image, s_color, strength=color_jitter)
     out = normalize(image)
     if re_prob > 0:

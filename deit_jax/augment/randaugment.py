@@ -125,6 +125,32 @@ def rand_augment_draws(seed, *, num_ops=2, num_choices=15, magnitude=9.0, magnit
     return op, applied, level, negate
 
 
+def rand_augment_layers(seed, *, num_ops=2, magnitude=9.0, magnitude_std=0.5, increasing=True,
+                        translate_pct=0.45, prob=0.5):
+    """`rand_augment`'s draws as each layer's (op, applied, argument): what
+    `pillow.transform` applies. Same seed, same layers as `rand_augment`.
+
+    Returns:
+      op int32 [num_ops], applied bool [num_ops], arg float64 [num_ops] (0 for the ops
+      without an argument).
+    """
+    names = RAND_INCREASING_OPS if increasing else RAND_OPS
+    ops, applied, levels, negates = rand_augment_draws(
+        seed, num_ops=num_ops, num_choices=len(names), magnitude=magnitude,
+        magnitude_std=magnitude_std, prob=prob)
+
+    def branch(name, level, negate):
+        def arg():  # built inside the switch branch: only the drawn op's argument runs
+            value = level_to_arg(name, level, negate, translate_pct=translate_pct)
+            return tf.zeros([], tf.float64) if value is None else f64(value)
+        return arg
+
+    args = tf.stack([
+        tf.switch_case(ops[i], [branch(n, levels[i], negates[i]) for n in names])
+        for i in range(num_ops)]) if num_ops else tf.zeros([0], tf.float64)
+    return ops, applied, args
+
+
 def rand_augment(image, seed, *, num_ops=2, magnitude=9.0, magnitude_std=0.5, increasing=True,
                  translate_pct=0.45, fill=IMAGENET_MEAN_UINT8, prob=0.5,
                  interpolation='bicubic'):

@@ -85,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
     # antialiasing (big_vision's inception crop; ~3x less host CPU per image, aliased when a
     # crop is downscaled). docs/PERFORMANCE.md has the figures.
     c.aug.host_resize = "pil"
+    # Which library computes the host-exact transform's pixels (aug.on_device=False: crop
+    # resize, flip, RandAugment): 'pillow' = Pillow's own ops (PIL's pixels by construction,
+    # about half the host CPU of 'tensorflow'; its Python part holds the GIL) or
+    # 'tensorflow' = the same ops as TF graph ops (no Python; resize PIL's to 1 grey level).
+    c.aug.host_library = "pillow"
     c.aug.re_prob = 0.25
     c.aug.re_mode = "pixel"
     c.aug.re_count = 1
