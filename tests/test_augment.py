@@ -73,31 +73,22 @@ OP_CASES = [
 ]
 
 
+@pytest.mark.parametrize('library', ['tensorflow', 'pillow'])
 @pytest.mark.parametrize('interpolation', ['bicubic', 'bilinear'])
 @pytest.mark.parametrize('name,arg,image', OP_CASES,
                          ids=[f'{n}-{a}-{i}' for i, (n, a, _) in enumerate(OP_CASES)])
-def test_op_matches_timm_exactly(name, arg, image, interpolation):
+def test_op_matches_timm_exactly(name, arg, image, interpolation, library):
+    # 'tensorflow': the TF graph ops; 'pillow': aug.host_library='pillow' calling Pillow.
     resample = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR}[interpolation]
     args = () if arg is None else (arg,)
     expected = np.asarray(timm_aa.NAME_TO_OP[name](
         Image.fromarray(image), *args, fillcolor=FILL, resample=resample))
-    got = augment.apply_op(name, tf.constant(image), arg, fill=FILL,
-                           interpolation=interpolation).numpy()
-    assert got.dtype == np.uint8 and got.shape == image.shape
-    np.testing.assert_array_equal(got, expected)
-
-
-@pytest.mark.parametrize('interpolation', ['bicubic', 'bilinear'])
-@pytest.mark.parametrize('name,arg,image', OP_CASES,
-                         ids=[f'{n}-{a}-{i}' for i, (n, a, _) in enumerate(OP_CASES)])
-def test_pillow_op_is_timms_op(name, arg, image, interpolation):
-    # aug.host_library='pillow' calls Pillow as timm does: the same pixels, bit for bit.
-    resample = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR}[interpolation]
-    args = () if arg is None else (arg,)
-    expected = np.asarray(timm_aa.NAME_TO_OP[name](
-        Image.fromarray(image), *args, fillcolor=FILL, resample=resample))
-    got = pillow.apply_op(name, image, 0.0 if arg is None else float(arg), fill=FILL,
-                          interpolation=interpolation)
+    if library == 'pillow':
+        got = pillow.apply_op(name, image, 0.0 if arg is None else float(arg), fill=FILL,
+                              interpolation=interpolation)
+    else:
+        got = augment.apply_op(name, tf.constant(image), arg, fill=FILL,
+                               interpolation=interpolation).numpy()
     assert got.dtype == np.uint8 and got.shape == image.shape
     np.testing.assert_array_equal(got, expected)
 

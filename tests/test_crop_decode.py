@@ -159,20 +159,11 @@ def test_fast_resize_equals_pil_when_upscaling_and_is_close_when_downscaling():
         augment.crop_flip(image, view, size=64, resize="lanczos")
 
 
-def test_unknown_host_resize_is_a_config_error_before_any_decoding(jpeg_folder):
+@pytest.mark.parametrize("key,value", [("host_resize", "lanczos"), ("host_library", "opencv")])
+def test_unknown_host_option_is_a_config_error_before_any_decoding(jpeg_folder, key, value):
     config = common.base_config()
     config.aug.ra_multiple = 1
-    config.aug.host_resize = "lanczos"
+    config.aug[key] = value
     source = ip.image_folder(os.path.join(jpeg_folder, "train"))
-    with pytest.raises(ConfigError, match="--config.aug.host_resize"):
+    with pytest.raises(ConfigError, match=f"--config.aug.{key}"):
         ip.train_batches(config, source, ip.Layout(4, 0, 1, 2), image_size=24)
-
-
-def test_unknown_host_library_is_a_config_error_before_any_decoding(jpeg_folder):
-    config = common.base_config()
-    config.aug.ra_multiple = 1
-    config.aug.host_library = "opencv"
-    source = ip.image_folder(os.path.join(jpeg_folder, "train"))
-    with pytest.raises(ConfigError, match="--config.aug.host_library"):
-        ip.train_batches(config, source, ip.Layout(4, 0, 1, 2), image_size=24)
-
