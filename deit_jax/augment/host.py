@@ -93,10 +93,11 @@ HOST_RESIZE = ('pil', 'fast')
 # aug.host_library: which library computes the pixels of the host-exact transform
 # (``aug.on_device=False``): the crop's 'pil' resize, the flip and RandAugment.
 #   'pillow'      Pillow's own ops in one tf.numpy_function per image (`pillow.transform`):
-#                 PIL's pixels by construction, about half the CPU per image of the TF ops;
+#                 PIL's pixels by construction, ~60% of the TF ops' CPU per image;
 #                 the Python around Pillow's C calls holds the GIL.
 #   'tensorflow'  the same ops redone as TensorFlow graph ops (`ops`, `randaugment`): no
-#                 Python on the hot path; the resize is PIL's to 1 grey level.
+#                 Python on the hot path; the resize is PIL's to 1 grey level on natural
+#                 crops (up to 9 next to saturated patches of tiny synthetic images).
 # The draws are the same TensorFlow ones under both, so an example is augmented alike.
 HOST_LIBRARY = ('pillow', 'tensorflow')
 

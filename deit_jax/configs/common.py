@@ -87,8 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.aug.host_resize = "pil"
     # Which library computes the host-exact transform's pixels (aug.on_device=False: crop
     # resize, flip, RandAugment): 'pillow' = Pillow's own ops (PIL's pixels by construction,
-    # about half the host CPU of 'tensorflow'; its Python part holds the GIL) or
-    # 'tensorflow' = the same ops as TF graph ops (no Python; resize PIL's to 1 grey level).
+    # ~60% of the host CPU of 'tensorflow'; its Python part holds the GIL) or
+    # 'tensorflow' = the same ops as TF graph ops (no Python; resize PIL's to ~1 grey level).
     c.aug.host_library = "pillow"
     c.aug.re_prob = 0.25
     c.aug.re_mode = "pixel"
