@@ -47,10 +47,11 @@ def random_erasing(image, seed, *, prob=0.25, min_area=0.02, max_area=1 / 3, min
         h, w = tries_h[first], tries_w[first]
         top = randint(s_top, 0, tf.maximum(height - h, 0))
         left = randint(s_left, 0, tf.maximum(width - w, 0))
-        box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
         this_box = erase & tf.reduce_any(fits) & (i < num_boxes)
 
-        def erased(image=image, box=box, s_fill=s_fill):
+        def erased(image=image, top=top, left=left, h=h, w=w, s_fill=s_fill):
+            # Built inside the branch: the mask is only computed for an erased image.
+            box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
             if mode == 'pixel':
                 noise = tf.random.stateless_normal(shape, s_fill, dtype=image.dtype)
             elif mode == 'rand':

@@ -270,10 +270,13 @@ def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 
             image_uint8 = crop_flip(image_uint8, crop, size=img_size, method=interpolation,
                                     resize=resize)
             crop = None
+        # Normalised in the same numpy call (the same bits) unless colour jitter follows.
+        normalized = bool(auto_augment or not color_jitter)
         image = pillow.transform(image_uint8, crop, draws, size=img_size,
                                  increasing=ra.get('increasing', True),
-                                 interpolation=interpolation)
+                                 interpolation=interpolation, normalize=normalized)
     else:
+        normalized = False
         image = train_crop(image_uint8, seed, img_size=img_size, scale=scale, ratio=ratio,
                            hflip=hflip, interpolation=interpolation, crop=crop, resize=resize)
         if auto_augment:
@@ -281,7 +284,7 @@ def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 
                                  **parse_rand_augment(auto_augment))
     if not auto_augment and color_jitter:  # timm: no colour jitter under RandAugment
         image = _color_jitter(image, s_color, strength=color_jitter)
-    out = normalize(image)
+    out = image if normalized else normalize(image)
     if re_prob > 0:
         out = random_erasing(out, s_erase, prob=re_prob, mode=re_mode, count=re_count)
     return out

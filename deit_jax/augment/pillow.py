@@ -16,7 +16,9 @@ import tensorflow as tf
 from PIL import Image, ImageEnhance, ImageOps
 
 from deit_jax.augment.policy import (
+    IMAGENET_MEAN,
     IMAGENET_MEAN_UINT8,
+    IMAGENET_STD,
     RAND_INCREASING_OPS,
     RAND_OPS,
 )
@@ -81,8 +83,24 @@ def apply_op(name, image, arg, *, fill=IMAGENET_MEAN_UINT8, interpolation='bicub
     return np.asarray(out)
 
 
-def _transform(image, view, ops, applied, args, *, size, names, fill, interpolation):
-    """The numpy side: crop + resize (unless `view` is empty), flip, then the applied ops."""
+_MEAN = np.asarray(IMAGENET_MEAN, np.float32)
+_STD = np.asarray(IMAGENET_STD, np.float32)
+
+
+def _normalize(image):
+    """`host.normalize` in numpy: the same float32 operations in the same order (the same
+    bits), each in place and outside the GIL."""
+    x = image.astype(np.float32)
+    x /= np.float32(255.0)
+    x -= _MEAN
+    x /= _STD
+    return x
+
+
+def _transform(image, view, ops, applied, args, *, size, names, fill, interpolation,
+               normalize):
+    """The numpy side: crop + resize (unless `view` is empty), flip, the applied ops, and
+    `host.normalize` when `normalize`."""
     resample = RESAMPLE[interpolation]
     pil = Image.fromarray(image)
     if view.size:
@@ -95,11 +113,11 @@ def _transform(image, view, ops, applied, args, *, size, names, fill, interpolat
     for op, on, arg in zip(ops, applied, args, strict=True):
         if on:
             pil = _OPS[names[op]](pil, float(arg), fill, resample)
-    return np.asarray(pil)
+    return _normalize(np.asarray(pil)) if normalize else np.asarray(pil)
 
 
 def transform(image, view, draws, *, size, increasing=True, fill=IMAGENET_MEAN_UINT8,
-              interpolation='bicubic'):
+              interpolation='bicubic', normalize=False):
     """Crop + resize + flip (torchvision's `resized_crop` then `hflip` on a PIL image) and the
     RandAugment layers of `draws`, by Pillow, as one graph op of tf.data.
 
@@ -109,16 +127,17 @@ def transform(image, view, draws, *, size, increasing=True, fill=IMAGENET_MEAN_U
         flipped size x size crop.
       draws: (op int32 [n], applied bool [n], arg float64 [n]); n may be 0.
       increasing: timm's op table (`RAND_INCREASING_OPS`) or the plain one (`RAND_OPS`).
+      normalize: also `host.normalize` the result (in numpy, the same bits).
     Returns:
-      uint8 [size, size, 3].
+      uint8 [size, size, 3], or float32 normalised with `normalize`.
     """
     names = RAND_INCREASING_OPS if increasing else RAND_OPS
     view = tf.zeros([0], tf.int32) if view is None else tf.cast(view, tf.int32)
 
     def run(image, view, ops, applied, args):
         return _transform(image, view, ops, applied, args, size=size, names=names,
-                          fill=tuple(fill), interpolation=interpolation)
+                          fill=tuple(fill), interpolation=interpolation, normalize=normalize)
 
     out = tf.numpy_function(run, [tf.convert_to_tensor(image, tf.uint8), view, *draws],
-                            tf.uint8, stateful=False)
+                            tf.float32 if normalize else tf.uint8, stateful=False)
     return tf.ensure_shape(out, [size, size, 3])
