@@ -193,13 +193,11 @@ def crop_views(image_uint8, seed, *, views, img_size, scale=(0.08, 1.0), ratio=(
         crop = crop_flip_params(*split_seed(view_seed, 2), shape[0], shape[1], scale=scale,
                                 ratio=ratio, hflip=hflip)
         if library == 'pillow' and resize == 'pil':
-            no_ops = (tf.zeros([0], tf.int32), tf.zeros([0], tf.bool), tf.zeros([0], tf.float64))
-            view = pillow.transform(image_uint8, crop, no_ops, size=img_size,
-                                    interpolation=interpolation)
+            images.append(pillow.transform(image_uint8, crop, None, size=img_size,
+                                           interpolation=interpolation, normalize=True))
         else:
-            view = crop_flip(image_uint8, crop, size=img_size, method=interpolation,
-                             resize=resize)
-        images.append(normalize(view))
+            images.append(normalize(crop_flip(image_uint8, crop, size=img_size,
+                                              method=interpolation, resize=resize)))
         crops.append(crop)
     return tf.stack(images), tf.stack(crops)
 

@@ -125,7 +125,7 @@ def transform(image, view, draws, *, size, increasing=True, fill=IMAGENET_MEAN_U
       image: uint8 [height, width, 3].
       view: int32 [5] (top, left, height, width, flip), or None when `image` is already the
         flipped size x size crop.
-      draws: (op int32 [n], applied bool [n], arg float64 [n]); n may be 0.
+      draws: (op int32 [n], applied bool [n], arg float64 [n]), or None for no ops.
       increasing: timm's op table (`RAND_INCREASING_OPS`) or the plain one (`RAND_OPS`).
       normalize: also `host.normalize` the result (in numpy, the same bits).
     Returns:
@@ -133,6 +133,8 @@ def transform(image, view, draws, *, size, increasing=True, fill=IMAGENET_MEAN_U
     """
     names = RAND_INCREASING_OPS if increasing else RAND_OPS
     view = tf.zeros([0], tf.int32) if view is None else tf.cast(view, tf.int32)
+    if draws is None:
+        draws = (tf.zeros([0], tf.int32), tf.zeros([0], tf.bool), tf.zeros([0], tf.float64))
 
     def run(image, view, ops, applied, args):
         return _transform(image, view, ops, applied, args, size=size, names=names,
