@@ -132,7 +132,7 @@ def synthetic_batch(config: ml_collections.ConfigDict, image_size: int, devices:
     shape = (devices, per_device)
     if mode == "train" and config.aug.on_device:  # the host's uint8 crops
         image = rng.integers(0, 256, (*shape, image_size, image_size, 3), dtype=np.uint8)
-    else:
+    else:  # normalised float32: taken as finished (no normalise/erasing, as timm's step)
         image = rng.standard_normal((*shape, image_size, image_size, 3), dtype=np.float32)
     batch = {
         "image": image,
@@ -295,10 +295,10 @@ def run_input(data_dir: str, *, on_device: bool = True, images: int = 512,
 
     ``input_pipeline.train_batches`` with the full recipe (``base_config``'s aug) and
     ``aug.on_device``: True = decode, RandomResizedCrop + flip, uint8 hand-over (the step does
-    the rest); False = the whole PIL-exact transform on the host; ``host_resize`` is
-    ``aug.host_resize`` (the crop's resize) and ``host_library`` ``aug.host_library`` (which
-    library runs the PIL-exact ops with on_device False). One process, one device's
-    layout; ``images`` are timed after ``warmup`` batches (tf.data start-up, tracing).
+    the rest); False = every PIL op on the host (crop, flip, RandAugment; the step normalises
+    and erases); ``host_resize`` is ``aug.host_resize`` (the crop's resize) and
+    ``host_library`` ``aug.host_library`` (which library runs the PIL ops). One process, one
+    device's layout; ``images`` are timed after ``warmup`` batches (tf.data start-up, tracing).
     """
     # TensorFlow only here: the step benchmarks must run on images without it.
     from deit_jax import input_pipeline
@@ -373,8 +373,9 @@ def define_flags(flag_values: flags.FlagValues, argv: list[str] | None = None) -
     flags.DEFINE_enum("host_resize", "pil", ["pil", "fast"],
                       "--mode=input: aug.host_resize, the crop's resize on the host.", **fv)
     flags.DEFINE_enum("host_library", "pillow", ["pillow", "tensorflow"],
-                      "--mode=input: aug.host_library, which library computes the "
-                      "PIL-exact host transform (--on_device=false).", **fv)
+                      "--mode=input: aug.host_library, which library computes the host's "
+                      "PIL ops (the crop's 'pil' resize, flip; RandAugment with "
+                      "--on_device=false).", **fv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -6,8 +6,8 @@ from a stateless seed derived from ``(seed, epoch, position)``. A run resumed at
 sees exactly the batches an uninterrupted run sees, without reading the first k again.
 
 Batches are dicts of numpy arrays shaped ``[local_devices, per_device, ...]``:
-``image`` float32 ``[..., H, W, 3]`` (normalised; uint8 crop + flip views for training under
-``aug.on_device``, augmented in the train step), ``label`` int32, ``index`` int64 (example
+``image`` ``[..., H, W, 3]`` (training: uint8, the host's part of the recipe, finished in the
+train step; evaluation: float32, normalised), ``label`` int32, ``index`` int64 (example
 id in the split) and, for evaluation, ``mask`` (1 for real examples, 0 for padding or an
 undecodable file) plus the source's extra fields (ReaL's ``real_label``).
 
@@ -289,10 +289,10 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
                   crops: np.ndarray | None = None) -> Batches:
     """Endless training batches for this process, starting at global step ``start_step``.
 
-    Yields ``image`` float32 [local_devices, per_device, image_size, image_size, 3] (normalised,
-    fully augmented) or, with ``aug.on_device``, uint8 (the crop + flip view; the train step
-    augments and normalises it), ``label`` int32 and ``index`` int64 [local_devices,
-    per_device]. An undecodable example
+    Yields ``image`` uint8 [local_devices, per_device, image_size, image_size, 3] (the PIL
+    part of the recipe: crop, flip and RandAugment or colour jitter; with ``aug.on_device``
+    the crop + flip view only; the train step does the rest, ``augment.device``), ``label``
+    int32 and ``index`` int64 [local_devices, per_device]. An undecodable example
     is replaced by the next loadable one of the split (same augmentation seed), logged and
     counted in the returned iterator's ``errors``; ``dataset.strict_decoding`` raises instead.
 
@@ -347,7 +347,7 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
             crop = tf.gather_nd(crop_table, tf.stack([tf.maximum(element["loaded"], 0),
                                                       element["view"]]))
         if aug.three_augment:  # DeiT III (official --ThreeAugment [--src]), host path only
-            image = three_augment.train_transform(
+            image = three_augment.train_pixels(
                 element["image"], seed, img_size=image_size,
                 simple_crop=aug.simple_random_crop, scale=scale, ratio=ratio,
                 hflip=aug.hflip, color_jitter=aug.color_jitter,
@@ -355,13 +355,14 @@ def train_batches(config: ml_collections.ConfigDict, source: Source, layout: Lay
         elif on_device:  # crop + flip only: the train step does the rest (augment.device)
             image = host_aug.train_crop(
                 element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
-                hflip=aug.hflip, interpolation=aug.interpolation, crop=crop, resize=resize)
+                hflip=aug.hflip, interpolation=aug.interpolation, crop=crop, resize=resize,
+                library=library)
         else:
-            image = host_aug.train_transform(
+            # The PIL ops (PIL-exact pixels); the train step normalises and erases.
+            image = host_aug.train_pixels(
                 element["image"], seed, img_size=image_size, scale=scale, ratio=ratio,
                 hflip=aug.hflip, auto_augment=aug.auto_augment or None,
-                color_jitter=aug.color_jitter, re_prob=aug.re_prob, re_mode=aug.re_mode,
-                re_count=aug.re_count, interpolation=aug.interpolation, crop=crop,
+                color_jitter=aug.color_jitter, interpolation=aug.interpolation, crop=crop,
                 resize=resize, library=library)
         out = {"image": image, "label": element["label"], "index": element["index"],
                "loaded": element["loaded"]}

@@ -106,14 +106,16 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation, lr_fn
       teacher_tau: the temperature a precomputed teacher's probabilities are mixed at.
       accum_steps: micro-batches per update (gradient accumulation).
       ema_decay: the parameter EMA's decay; None = no EMA.
-      augment: the device augmentation of uint8 batches (``aug.on_device``); None = none.
+      augment: the device half of the transform (``DeviceAugment.from_config``): all of the
+        photometric recipe (``aug.on_device``) or the host-exact path's finish (normalise,
+        erasing) of uint8 batches; None = none (float32 batches are taken as they are).
     """
 
     def train_step(state: TrainState, batch: dict, teacher_vars: Any) -> tuple[TrainState, dict]:
         """One optimizer step on this device's shard of the global batch."""
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         rng = jax.random.fold_in(step_key, jax.lax.axis_index(AXIS))  # per-device randomness
-        if augment is not None:
+        if augment is not None and augment.applies_to(batch["image"]):
             batch = {**batch, "image": augment_on_device(step_key, batch["image"], augment)}
         mix_rng, drop_rng = jax.random.split(rng)
 
@@ -196,8 +198,7 @@ def train_step_from_config(config: ml_collections.ConfigDict, *, model: nn.Modul
         teacher=teacher if uses_teacher(dist.kind) else None, teacher_tau=dist.tau,
         accum_steps=config.optim.grad_accum_steps,
         ema_decay=config.ema.decay if config.ema.enabled else None,
-        augment=(device_aug.DeviceAugment.from_config(config.aug)
-                 if config.aug.get("on_device", False) else None))
+        augment=device_aug.DeviceAugment.from_config(config.aug))
 
 
 def eval_step(params: Any, batch_stats: Any, batch: dict, *, model: nn.Module) -> dict:

@@ -291,6 +291,46 @@ def test_step_with_device_augmentation_on_8_devices_equals_1_device():
     assert min(jax.tree.leaves(moved)) > 0
 
 
+def test_host_exact_path_is_finished_in_the_step():
+    """aug.on_device=False: the host hands over its uint8 PIL pixels and the step normalises
+    and erases them (timm's order); a float32 batch is taken as already finished."""
+    from configs import deit_ti
+
+    config = deit_ti.get_config('smoke')
+    config.unlock()
+    config.update_from_flattened_dict({
+        'aug.on_device': False, 'aug.re_prob': 0.0, 'mixup.mixup_alpha': 0.0,
+        'mixup.cutmix_alpha': 0.0, 'model.drop_path_rate': 0.0, 'distillation.kind': 'none'})
+    config.lock()
+    finish = device.DeviceAugment.from_config(config.aug)
+    assert finish.finish_only and finish.rand_augment is None and not finish.color_jitter
+    config.unlock()
+    config.aug.three_augment = True  # DeiT III: no erasing, as the official transform
+    assert device.DeviceAugment.from_config(config.aug).re_prob == 0.0
+    config.aug.three_augment = False
+    config.lock()
+    from deit_jax import models, optim, steps
+
+    model = models.from_config(config, 10)[0]
+    tx, _ = optim.create_optimizer(config, steps_per_epoch=10)
+    state = steps.create_train_state(model, tx, jax.random.key(0), 32, ema=config.ema.enabled)
+    images = np.stack([_natural_image(32, 32, seed=s) for s in range(8)])
+    labels = np.arange(8, dtype=np.int32) % 10
+    normalised = augment.normalize(tf.constant(images)).numpy()
+    _, m_uint8 = _step_on(jax.devices()[:2], config, state, images, labels)
+    _, m_float = _step_on(jax.devices()[:2], config, state, normalised, labels)
+    np.testing.assert_allclose(m_uint8['loss'], m_float['loss'], rtol=1e-6)
+    np.testing.assert_allclose(m_uint8['grad_norm'], m_float['grad_norm'], rtol=1e-5)
+    # With erasing on, the uint8 batch is erased in the step (the float one is not touched).
+    config.unlock()
+    config.aug.re_prob = 1.0
+    config.lock()
+    _, m_erased = _step_on(jax.devices()[:2], config, state, images, labels)
+    _, m_float_again = _step_on(jax.devices()[:2], config, state, normalised, labels)
+    assert abs(float(m_erased['loss']) - float(m_uint8['loss'])) > 1e-4
+    np.testing.assert_allclose(m_float_again['loss'], m_float['loss'], rtol=1e-6)
+
+
 def test_step_benchmark_reports_the_augmentations_cost():
     from configs import common
     from deit_jax import benchmark

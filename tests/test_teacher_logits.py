@@ -376,7 +376,7 @@ def test_training_replays_the_stored_views(crop_store_dir, teacher, teacher_init
         # The student's view is the stored one: the teacher says about it what the store says.
         images, ids, views = (batch[k].reshape(-1, *batch[k].shape[2:])
                               for k in ("image", "index", "view"))
-        on_view = np.asarray(apply(teacher.variables, images))
+        on_view = np.asarray(apply(teacher.variables, augment.normalize(images).numpy()))
         np.testing.assert_allclose(batch["teacher_logits"].reshape(on_view.shape), on_view,
                                    rtol=2e-3, atol=1e-3)
         np.testing.assert_array_equal(batch["teacher_logits"].reshape(on_view.shape),
@@ -468,8 +468,10 @@ def test_precomputed_step_equals_on_the_fly_step_on_the_same_views(
     if kind != "crops":  # the premise: this training view is the eval view the store's saw
         images, ids = eval_views(config)
         np.testing.assert_array_equal(ids, np.arange(NUM_EXAMPLES))
-        np.testing.assert_array_equal(batch["image"].reshape(-1, 32, 32, 3),
-                                      images[batch["index"].reshape(-1)])
+        # (the host hands over uint8; the train step normalises it as the eval path does)
+        np.testing.assert_array_equal(
+            augment.normalize(tf.constant(batch["image"].reshape(-1, 32, 32, 3))).numpy(),
+            images[batch["index"].reshape(-1)])
 
     model = models.from_config(config, 10)[0]
     tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=8)

@@ -1,10 +1,12 @@
 """DeiT's augmentation: timm's ``create_transform(224, is_training=True,
 auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, interpolation='bicubic', color_jitter=0.3)``.
 
-Two paths split the recipe at ``config.aug.on_device``:
+The host always hands over uint8 and the train step finishes the image; two paths split the
+recipe at ``config.aug.on_device``:
 
 - host (TensorFlow, ``tf.data``; PIL-exact pixels): ``host`` (RandomResizedCrop, flip, resize,
-  normalise, the eval view, the full ``train_transform``), ``ops`` (PIL's 8-bit ops),
+  normalise, the eval view, ``train_pixels``: the PIL ops the host-exact path hands over,
+  normalised and erased in the step; the full ``train_transform``), ``ops`` (PIL's 8-bit ops),
   ``randaugment``, ``jitter``, ``erasing``, ``tf_random`` (stateless seeds), and ``pillow``
   (the same crop, flip and RandAugment by Pillow itself, ``aug.host_library='pillow'``);
 - device (JAX, inside the pmapped train step): ``device_ops`` (the same 8-bit ops in jnp) and
@@ -34,6 +36,7 @@ _HOST_NAMES = {
     'random_resized_crop_params': 'host', 'random_resized_crop': 'host',
     'crop_flip_params': 'host', 'crop_flip': 'host', 'crop_views': 'host',
     'normalize': 'host', 'eval_transform': 'host', 'train_transform': 'host',
+    'train_pixels': 'host',
     'train_crop': 'host', 'train_view': 'host', 'HOST_RESIZE': 'host', 'HOST_LIBRARY': 'host',
     'auto_contrast': 'ops', 'equalize': 'ops', 'invert': 'ops', 'posterize': 'ops',
     'solarize': 'ops', 'solarize_add': 'ops', 'color': 'ops', 'contrast': 'ops',

@@ -1,4 +1,6 @@
-"""The photometric half of DeiT's training transform on the device (``aug.on_device=True``).
+"""The photometric half of DeiT's training transform on the device (``aug.on_device=True``),
+and the finish of the host-exact path's uint8 pixels (``aug.on_device=False``: normalise,
+random erasing; ``DeviceAugment.finish_only``).
 
 The host hands over uint8 [batch, H, W, 3] RandomResizedCrop + flip views; inside the pmapped
 train step, before mixup, ``augment_batch`` runs, per example: RandAugment (timm
@@ -230,12 +232,28 @@ class DeviceAugment:
     re_mode: str = "pixel"
     re_count: int = 1
     interpolation: str = "bicubic"
+    # True: the host-exact path's finish only (normalise, erasing) of its uint8 PIL pixels;
+    # float32 images are then taken as already finished (a caller's own normalised batch).
+    finish_only: bool = False
 
     @classmethod
     def from_config(cls, aug: ml_collections.ConfigDict) -> DeviceAugment:
+        erasing = dict(re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count)
+        if not aug.get("on_device", False):
+            # The host ran the PIL ops (``host.train_pixels``); what timm does after them,
+            # normalise and random erasing, runs here. DeiT III's 3-Augment has no erasing
+            # (the official ``new_data_aug_generator`` replaces the whole transform).
+            if aug.get("three_augment", False):
+                erasing["re_prob"] = 0.0
+            return cls(**erasing, interpolation=aug.interpolation, finish_only=True)
         return cls(rand_augment=parse_rand_augment(aug.auto_augment) if aug.auto_augment
-                   else None, color_jitter=aug.color_jitter, re_prob=aug.re_prob,
-                   re_mode=aug.re_mode, re_count=aug.re_count, interpolation=aug.interpolation)
+                   else None, color_jitter=aug.color_jitter, **erasing,
+                   interpolation=aug.interpolation)
+
+    def applies_to(self, images: jax.Array) -> bool:
+        """Whether the step runs this on ``images``: always on the device path (whose
+        ``augment_batch`` refuses anything but uint8), on uint8 only for ``finish_only``."""
+        return not self.finish_only or images.dtype == jnp.uint8
 
     def example(self, key: jax.Array, image: jax.Array) -> jax.Array:
         """uint8 [H, W, 3] view -> float32 [H, W, 3] normalised, augmented."""

@@ -83,17 +83,18 @@ def _resize(image, height, width, method):
 
 
 # aug.host_resize: how the RandomResizedCrop window becomes size x size.
-#   'pil'  PIL's two antialiased passes (above): PIL's pixels to 1 grey level, ~3.1 ms per
-#          ImageNet crop on one core (the cost of the host path).
+#   'pil'  PIL's antialiased resize: Pillow's own (aug.host_library='pillow', ~1.5 ms per
+#          ImageNet crop on one core) or the two TF passes above (PIL's to 1 grey level,
+#          ~3.8 ms).
 #   'fast' one bicubic pass without antialiasing, as big_vision's inception crop does:
 #          ~0.5 ms; the same pixels as 'pil' when the crop is upscaled (then antialiasing
 #          changes nothing), aliased when it is downscaled (mean 1.3 grey levels from PIL).
 HOST_RESIZE = ('pil', 'fast')
 
-# aug.host_library: which library computes the pixels of the host-exact transform
-# (``aug.on_device=False``): the crop's 'pil' resize, the flip and RandAugment.
+# aug.host_library: which library computes the host's pixels: the crop's 'pil' resize and
+# the flip (both paths), and RandAugment (the host-exact path, ``aug.on_device=False``).
 #   'pillow'      Pillow's own ops in one tf.numpy_function per image (`pillow.transform`):
-#                 PIL's pixels by construction, ~60% of the TF ops' CPU per image;
+#                 PIL's pixels by construction, about half the TF ops' CPU per image;
 #                 the Python around Pillow's C calls holds the GIL.
 #   'tensorflow'  the same ops redone as TensorFlow graph ops (`ops`, `randaugment`): no
 #                 Python on the hot path; the resize is PIL's to 1 grey level on natural
@@ -104,8 +105,8 @@ HOST_LIBRARY = ('pillow', 'tensorflow')
 
 def crop_pixels(aug):
     """(resize, library) of the training crop for a config's ``aug``: `HOST_RESIZE` and
-    `HOST_LIBRARY` (ConfigError naming the flag if not), Pillow only on the host-exact path
-    (``aug.on_device=False``); the device path's host crop is TensorFlow's."""
+    `HOST_LIBRARY` (ConfigError naming the flag if not). Both paths take them: under
+    ``aug.on_device`` the library computes the crop's resize and flip (``train_crop``)."""
     from deit_jax.errors import ConfigError
 
     for key, default, allowed in (('host_resize', 'pil', HOST_RESIZE),
@@ -113,8 +114,7 @@ def crop_pixels(aug):
         if aug.get(key, default) not in allowed:
             raise ConfigError(f"aug.{key}={aug.get(key)!r}; set --config.aug.{key} to one "
                               f"of {allowed}")
-    library = 'tensorflow' if aug.get('on_device', False) else aug.get('host_library', 'pillow')
-    return aug.get('host_resize', 'pil'), library
+    return aug.get('host_resize', 'pil'), aug.get('host_library', 'pillow')
 
 
 def _resize_fast(image, height, width, method):
@@ -234,16 +234,17 @@ def eval_transform(image_uint8, *, img_size, crop_ratio=0.875, interpolation='bi
 
 
 
-def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                    hflip=0.5, auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.3,
-                    re_prob=0.25, re_mode='pixel', re_count=1, interpolation='bicubic',
-                    crop=None, resize='pil', library='pillow'):
-    """The DeiT training transform, in timm `create_transform(is_training=True)` order.
+def train_pixels(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 hflip=0.5, auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.3,
+                 interpolation='bicubic', crop=None, resize='pil', library='pillow'):
+    """The PIL part of the DeiT training transform, as the host-exact path hands it over.
 
     RandomResizedCrop -> horizontal flip -> RandAugment (colour jitter instead when
-    `auto_augment` is None, as timm disables jitter under RandAugment) -> normalise ->
-    random erasing. RandAugment's hparams are timm's: fill = IMAGENET_MEAN_UINT8 and the
-    same `interpolation` as the crop.
+    `auto_augment` is None, as timm disables jitter under RandAugment), in timm
+    `create_transform(is_training=True)` order. RandAugment's hparams are timm's:
+    fill = IMAGENET_MEAN_UINT8 and the same `interpolation` as the crop. What follows in
+    timm, normalisation and random erasing, is not a PIL op: `train_transform` adds it here,
+    the train step on the device (`augment.device.finish`).
 
     Args:
       image_uint8: uint8 [height, width, 3].
@@ -253,11 +254,11 @@ def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 
       resize: `HOST_RESIZE`, how the crop is resized.
       library: `HOST_LIBRARY`, which library computes the crop, flip and RandAugment pixels.
     Returns:
-      float32 [img_size, img_size, 3], normalised.
+      uint8 [img_size, img_size, 3].
     """
     if library not in HOST_LIBRARY:
         raise ValueError(f"aug.host_library={library!r}; expected one of {HOST_LIBRARY}")
-    _, _, s_color, s_erase = split_seed(seed, 4)
+    _, _, s_color, _ = split_seed(seed, 4)
     if library == 'pillow' and (auto_augment or resize == 'pil'):
         if crop is None:
             shape = tf.shape(image_uint8)
@@ -268,29 +269,40 @@ def train_transform(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 
             image_uint8 = crop_flip(image_uint8, crop, size=img_size, method=interpolation,
                                     resize=resize)
             crop = None
-        # Normalised in the same numpy call (the same bits) unless colour jitter follows.
-        normalized = bool(auto_augment or not color_jitter)
         image = pillow.transform(image_uint8, crop, draws, size=img_size,
                                  increasing=ra.get('increasing', True),
-                                 interpolation=interpolation, normalize=normalized)
+                                 interpolation=interpolation)
     else:
-        normalized = False
         image = train_crop(image_uint8, seed, img_size=img_size, scale=scale, ratio=ratio,
-                           hflip=hflip, interpolation=interpolation, crop=crop, resize=resize)
+                           hflip=hflip, interpolation=interpolation, crop=crop, resize=resize,
+                           library=library)
         if auto_augment:
-            image = rand_augment(image, s_color, interpolation=interpolation,
-                                 **parse_rand_augment(auto_augment))
+            image = tf.cast(rand_augment(image, s_color, interpolation=interpolation,
+                                         **parse_rand_augment(auto_augment)), tf.uint8)
     if not auto_augment and color_jitter:  # timm: no colour jitter under RandAugment
         image = _color_jitter(image, s_color, strength=color_jitter)
-    out = image if normalized else normalize(image)
+    return image
+
+
+def train_transform(image_uint8, seed, *, re_prob=0.25, re_mode='pixel', re_count=1,
+                    **kwargs):
+    """The whole DeiT training transform on the host: `train_pixels` (`kwargs` are its
+    arguments) -> normalise -> random erasing (timm `RandomErasing(re_prob, mode=re_mode,
+    max_count=re_count)`), as timm `create_transform(is_training=True)`.
+
+    Returns:
+      float32 [img_size, img_size, 3], normalised.
+    """
+    out = normalize(train_pixels(image_uint8, seed, **kwargs))
     if re_prob > 0:
+        s_erase = split_seed(seed, 4)[3]
         out = random_erasing(out, s_erase, prob=re_prob, mode=re_mode, count=re_count)
     return out
 
 
-
 def train_crop(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-               hflip=0.5, interpolation='bicubic', crop=None, resize='pil'):
+               hflip=0.5, interpolation='bicubic', crop=None, resize='pil',
+               library='pillow'):
     """The host's part of the training transform under ``aug.on_device``: RandomResizedCrop +
     flip, drawn from `seed` exactly as `train_transform` draws them (the same crop and flip).
 
@@ -299,12 +311,17 @@ def train_crop(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 
       seed: int [2], the example's seed (`train_transform`'s).
       crop: None, or a stored view int32 [5] that replaces the crop and flip draws.
       resize: `HOST_RESIZE`, how the crop is resized.
+      library: `HOST_LIBRARY`; 'pillow' with the 'pil' resize crops, resizes and flips with
+        Pillow itself (PIL's pixels, ~1/3 of the CPU of TensorFlow's two antialiased passes).
     Returns:
       uint8 [img_size, img_size, 3].
     """
     if crop is None:
         shape = tf.shape(image_uint8)
         crop = train_view(seed, shape[0], shape[1], scale=scale, ratio=ratio, hflip=hflip)
+    if library == 'pillow' and resize == 'pil':
+        return pillow.transform(image_uint8, crop, None, size=img_size,
+                                interpolation=interpolation)
     return crop_flip(image_uint8, crop, size=img_size, method=interpolation, resize=resize)
 
 

@@ -157,10 +157,17 @@ def simple_random_crop(image_uint8, seed, *, size, padding=4, interpolation="bic
                            [size, size, 3])
 
 
-def train_transform(image_uint8, seed, *, img_size, simple_crop: bool = False,
-                    scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=0.3,
-                    interpolation="bicubic", crop=None):
-    """``new_data_aug_generator``: crop + flip -> 3-Augment -> colour jitter -> normalise.
+def train_transform(image_uint8, seed, **kwargs):
+    """``new_data_aug_generator``: ``train_pixels`` (``kwargs`` are its arguments) ->
+    normalise. Returns float32 [img_size, img_size, 3], normalised."""
+    return host.normalize(train_pixels(image_uint8, seed, **kwargs))
+
+
+def train_pixels(image_uint8, seed, *, img_size, simple_crop: bool = False,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=0.3,
+                 interpolation="bicubic", crop=None):
+    """``new_data_aug_generator``'s PIL part: crop + flip -> 3-Augment -> colour jitter, as
+    the host path hands it over (the train step normalises, ``augment.device.finish``).
 
     Args:
       image_uint8: uint8 [height, width, 3].
@@ -170,7 +177,7 @@ def train_transform(image_uint8, seed, *, img_size, simple_crop: bool = False,
       crop: None, or a stored RandomResizedCrop view int32 [5] (``host.crop_flip_params``)
         replacing the crop and flip draws (not with ``simple_crop``).
     Returns:
-      float32 [img_size, img_size, 3], normalised.
+      uint8 [img_size, img_size, 3].
     """
     s_crop, s_flip, s_choice, s_color = tf_random.split_seed(seed, 4)
     if simple_crop:
@@ -189,4 +196,4 @@ def train_transform(image_uint8, seed, *, img_size, simple_crop: bool = False,
     image = three_augment(image, s_choice)
     if color_jitter:
         image = jitter.color_jitter(image, s_color, strength=color_jitter)
-    return host.normalize(image)
+    return tf.convert_to_tensor(image, tf.uint8)

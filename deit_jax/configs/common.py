@@ -72,7 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.aug = ml_collections.ConfigDict()
     # True: the host decodes, crops and flips and hands over uint8 views; RandAugment (or colour
     # jitter), normalisation and random erasing run on the device inside the train step (fast,
-    # same distributions). False: the whole transform on the host, PIL-exact pixels.
+    # same distributions). False: every PIL op on the host (crop, flip, RandAugment or jitter:
+    # PIL-exact pixels), handed over as uint8; the step normalises and erases.
     c.aug.on_device = True
     c.aug.scale = (0.08, 1.0)
     c.aug.ratio = (3 / 4, 4 / 3)
@@ -85,9 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     # antialiasing (big_vision's inception crop; ~3x less host CPU per image, aliased when a
     # crop is downscaled). docs/PERFORMANCE.md has the figures.
     c.aug.host_resize = "pil"
-    # Which library computes the host-exact transform's pixels (aug.on_device=False: crop
-    # resize, flip, RandAugment): 'pillow' = Pillow's own ops (PIL's pixels by construction,
-    # ~60% of the host CPU of 'tensorflow'; its Python part holds the GIL) or
+    # Which library computes the host's pixels (the crop's 'pil' resize and flip; with
+    # aug.on_device=False also RandAugment): 'pillow' = Pillow's own ops (PIL's pixels by
+    # construction, about half the host CPU of 'tensorflow'; its Python part holds the GIL) or
     # 'tensorflow' = the same ops as TF graph ops (no Python; resize PIL's to ~1 grey level).
     c.aug.host_library = "pillow"
     c.aug.re_prob = 0.25
