@@ -248,8 +248,11 @@ def _decode_with_fallback(source: Source, attempts: int, load: Callable | None =
     def first_loadable(element):
         index = element["index"]
         ds = attempt(element, index)
-        for k in range(1, attempts):
-            ds = ds.concatenate(attempt(element, (index + k) % n))
+        if attempts > 1:
+            # The fallbacks as one lazy flat_map: built and run only when the first attempt
+            # yields nothing (2 dataset ops per element instead of 3 per attempt).
+            ds = ds.concatenate(tf.data.Dataset.range(1, attempts).flat_map(
+                lambda k: attempt(element, (index + k) % n)))
         # The placeholder has the loaded examples' structure (shapes left free).
         spec = ds.element_spec
         placeholder = {k: tf.zeros([16 if d is None else d for d in v.shape], v.dtype)
