@@ -4,9 +4,10 @@
 
 Runs tf.data pipelines over the same ImageFolder files, each adding one stage of the training
 transform (read + decode, whole then crop-aware, RandomResizedCrop + flip, RandAugment,
-normalise, random erasing; the 'fast' crop resize on its own), then the real
-``input_pipeline.train_batches`` (corrupt-file fallback, batching) for both values of
-``aug.on_device`` (and both ``aug.host_resize`` on the device path); prints a JSON line per
+normalise, random erasing; the 'fast' crop resize on its own; Pillow's crop and RandAugment,
+``aug.host_library='pillow'``), then the real ``input_pipeline.train_batches`` (corrupt-file
+fallback, batching) for both values of ``aug.on_device``, ``aug.host_library`` and, on the
+device path, ``aug.host_resize``; prints a JSON line per
 pipeline and a table of the CPU ms per image (process CPU time, all threads) and each stage's
 share (the difference to the previous).
 """
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
 from deit_jax import data_sources, input_pipeline  # noqa: E402
-from deit_jax.augment import erasing, host, policy, randaugment  # noqa: E402
+from deit_jax.augment import erasing, host, pillow, policy, randaugment  # noqa: E402
 
 SIZE = 224
 
@@ -53,6 +54,14 @@ def _stages(seed_of):
     def erase(source):
         return lambda i: erasing.random_erasing(normalise(source)(i), seed_of(i), prob=0.25)
 
+    def pillow_crop(source):  # aug.host_library='pillow': Pillow's own resize and flip
+        return lambda i: pillow.transform(*crop_decode(source)(i), None, size=SIZE)
+
+    def pillow_rand_aug(source):  # ... and RandAugment, in the same numpy call
+        return lambda i: pillow.transform(*crop_decode(source)(i),
+                                          randaugment.rand_augment_layers(seed_of(i), **ra),
+                                          size=SIZE)
+
     def shape_of(stage):  # the decoded size only, so that unequal images batch
         return lambda source: lambda i: tf.shape(stage(source)(i)[0] if stage is crop_decode
                                                  else stage(source)(i))
@@ -62,7 +71,9 @@ def _stages(seed_of):
             "+crop/resize/flip (host_resize=pil)": crop, "+RandAugment": rand_aug,
             "+normalise": normalise, "+erasing": erase,
             "crop-aware decode +crop/resize/flip (host_resize=fast)":
-                lambda source: crop(source, "fast")}
+                lambda source: crop(source, "fast"),
+            "crop-aware decode +crop/resize/flip (Pillow)": pillow_crop,
+            "crop-aware decode +crop/resize/flip +RandAugment (Pillow)": pillow_rand_aug}
 
 
 def _time(ds, images, batch):
@@ -93,12 +104,15 @@ def run(data_dir: str, images: int = 256, batch: int = 64) -> list[dict]:
               .batch(batch).prefetch(2).with_options(options))
         rate, ms = _time(ds, images, batch)
         rows.append({"stage": name, "images_per_sec": rate, "cpu_ms_per_image": ms})
-    for on_device, resize in ((True, "fast"), (True, "pil"), (False, "pil")):
-        c.aug.on_device, c.aug.host_resize = on_device, resize
+    for on_device, resize, library in ((True, "fast", "pillow"), (True, "pil", "pillow"),
+                                       (True, "pil", "tensorflow"), (False, "pil", "pillow"),
+                                       (False, "pil", "tensorflow")):
+        c.aug.on_device, c.aug.host_resize, c.aug.host_library = on_device, resize, library
         layout = input_pipeline.Layout(batch, 0, 1, 1)
         rate, ms = _time(input_pipeline.train_batches(c, source, layout, image_size=SIZE),
                          images, batch)
-        rows.append({"stage": f"train_batches(on_device={on_device}, host_resize={resize})",
+        rows.append({"stage": f"train_batches(on_device={on_device}, host_resize={resize}, "
+                              f"host_library={library})",
                      "images_per_sec": rate, "cpu_ms_per_image": ms})
     return rows
 
@@ -119,7 +133,9 @@ def main() -> None:
     prev = 0.0
     for row in rows:
         ms, name = row["cpu_ms_per_image"], row["stage"]
-        if name.startswith("crop-aware"):  # its own chain from the crop-aware decode
+        if name.endswith("+RandAugment (Pillow)"):
+            delta = ms - by_name["crop-aware decode +crop/resize/flip (Pillow)"]
+        elif name.startswith("crop-aware"):  # its own chain from the crop-aware decode
             delta = ms - by_name["read+decode (crop-aware)"]
         elif name == "read+decode (crop-aware)":
             delta = ms - by_name["read+decode (whole image)"]
