@@ -1,11 +1,12 @@
-"""The host-exact transform run by Pillow itself (``aug.host_library='pillow'``).
+"""The host's PIL ops run by Pillow itself (``aug.host_library='pillow'``).
 
-The crop's resize, the flip and timm's RandAugment ops are Pillow's own calls, made exactly as
-torchvision's ``RandomResizedCrop`` and timm's ``auto_augment`` make them, inside one
-``tf.numpy_function`` per image. Every random draw is the TensorFlow one of
-``host.train_transform`` (the same stateless seeds, ``randaugment.rand_augment_draws`` and
-``level_to_arg``), so an example gets the same crop, flip, ops and magnitudes under either
-library, determinism and resume hold, and only the library that computes the pixels differs:
+The crop's resize, the flip (both paths) and timm's RandAugment ops (the host-exact path) are
+Pillow's own calls, made exactly as torchvision's ``RandomResizedCrop`` and timm's
+``auto_augment`` make them, inside one ``tf.numpy_function`` per image. Every random draw is
+the TensorFlow one of ``host.train_pixels`` (the same stateless seeds,
+``randaugment.rand_augment_draws`` and ``level_to_arg``), so an example gets the same crop,
+flip, ops and magnitudes under either library, determinism and resume hold, and only the
+library that computes the pixels differs:
 Pillow's are PIL's by construction. Pillow releases the GIL inside its C ops (resample,
 transform, point, blend); the Python around them holds it (docs/PERFORMANCE.md has the
 per-core figures and the scaling).
