@@ -261,9 +261,19 @@ def _step_on(devices, config, state, images, labels):
     return jax.tree.map(lambda x: np.asarray(x)[0], (new_state, metrics))
 
 
+def _step_inputs(config):
+    """A fresh train state of the config's model and 8 natural 32 x 32 uint8 images."""
+    from deit_jax import models, optim, steps
+
+    model = models.from_config(config, 10)[0]
+    tx, _ = optim.create_optimizer(config, steps_per_epoch=10)
+    state = steps.create_train_state(model, tx, jax.random.key(0), 32, ema=config.ema.enabled)
+    images = np.stack([_natural_image(32, 32, seed=s) for s in range(8)])
+    return state, images, np.arange(8, dtype=np.int32) % 10
+
+
 def test_step_with_device_augmentation_on_8_devices_equals_1_device():
     from configs import deit_ti
-    from deit_jax import models, optim, steps
 
     assert jax.local_device_count() == 8
     config = deit_ti.get_config('smoke')
@@ -275,11 +285,7 @@ def test_step_with_device_augmentation_on_8_devices_equals_1_device():
         'mixup.mixup_alpha': 0.0, 'mixup.cutmix_alpha': 0.0, 'model.drop_path_rate': 0.0,
         'distillation.kind': 'none'})
     config.lock()
-    model = models.from_config(config, 10)[0]
-    tx, _ = optim.create_optimizer(config, steps_per_epoch=10)
-    state = steps.create_train_state(model, tx, jax.random.key(0), 32, ema=config.ema.enabled)
-    images = np.stack([_natural_image(32, 32, seed=s) for s in range(8)])
-    labels = np.arange(8, dtype=np.int32) % 10
+    state, images, labels = _step_inputs(config)
     s8, m8 = _step_on(jax.devices(), config, state, images, labels)
     s1, m1 = _step_on(jax.devices()[:1], config, state, images, labels)
     np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
@@ -309,13 +315,7 @@ def test_host_exact_path_is_finished_in_the_step():
     assert device.DeviceAugment.from_config(config.aug).re_prob == 0.0
     config.aug.three_augment = False
     config.lock()
-    from deit_jax import models, optim, steps
-
-    model = models.from_config(config, 10)[0]
-    tx, _ = optim.create_optimizer(config, steps_per_epoch=10)
-    state = steps.create_train_state(model, tx, jax.random.key(0), 32, ema=config.ema.enabled)
-    images = np.stack([_natural_image(32, 32, seed=s) for s in range(8)])
-    labels = np.arange(8, dtype=np.int32) % 10
+    state, images, labels = _step_inputs(config)
     normalised = augment.normalize(tf.constant(images)).numpy()
     _, m_uint8 = _step_on(jax.devices()[:2], config, state, images, labels)
     _, m_float = _step_on(jax.devices()[:2], config, state, normalised, labels)
