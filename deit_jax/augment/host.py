@@ -244,7 +244,7 @@ def train_pixels(image_uint8, seed, *, img_size, scale=(0.08, 1.0), ratio=(3 / 4
     `create_transform(is_training=True)` order. RandAugment's hparams are timm's:
     fill = IMAGENET_MEAN_UINT8 and the same `interpolation` as the crop. What follows in
     timm, normalisation and random erasing, is not a PIL op: `train_transform` adds it here,
-    the train step on the device (`augment.device.finish`).
+    the train step on the device (`augment.device.DeviceAugment.finish_only`).
 
     Args:
       image_uint8: uint8 [height, width, 3].

@@ -167,7 +167,8 @@ def train_pixels(image_uint8, seed, *, img_size, simple_crop: bool = False,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, color_jitter=0.3,
                  interpolation="bicubic", crop=None):
     """``new_data_aug_generator``'s PIL part: crop + flip -> 3-Augment -> colour jitter, as
-    the host path hands it over (the train step normalises, ``augment.device.finish``).
+    the host path hands it over (the train step normalises:
+    ``augment.device.DeviceAugment.finish_only``).
 
     Args:
       image_uint8: uint8 [height, width, 3].

@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.aug.interpolation = "bicubic"
     # How the RandomResizedCrop window is resized on the host: 'pil' = PIL's antialiased
     # two-pass resize (PIL's pixels, the official recipe's); 'fast' = one bicubic pass without
-    # antialiasing (big_vision's inception crop; ~3x less host CPU per image, aliased when a
+    # antialiasing (big_vision's inception crop; ~1.5x less host CPU per image, aliased when a
     # crop is downscaled). docs/PERFORMANCE.md has the figures.
     c.aug.host_resize = "pil"
     # Which library computes the host's pixels (the crop's 'pil' resize and flip; with
