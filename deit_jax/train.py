@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from deit_jax import checkpoint, input_pipeline, models, optim, pretrained, steps, teacher_store
 from deit_jax import teacher as teacher_lib
+from deit_jax.augment import device as device_aug
 from deit_jax.errors import ConfigError, DivergedError
 from deit_jax.models import AXIS
 from deit_jax.teacher import build_teacher
@@ -77,6 +78,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                           f"{checkpoint.ON_DAMAGE}")
     if not config.optim.lr > 0:
         raise ConfigError(f"optim.lr={config.optim.lr} must be > 0")
+    device_aug.DeviceAugment.from_config(config.aug)  # the device half of the recipe exists
     teacher_lib.check_config(config)
 
 

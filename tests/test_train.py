@@ -208,6 +208,17 @@ def test_unknown_config_key_on_the_command_line(tmp_path):
     assert proc.returncode != 0 and "lrr" in proc.stderr
 
 
+def test_three_augment_on_the_device_path_is_refused_before_training(tmp_path):
+    # 3-Augment is a host transform; on the device path the step would add RandAugment and
+    # erasing on top of it, silently another recipe.
+    from deit_jax.errors import ConfigError
+
+    config = smoke_config(**{"aug.three_augment": True, "aug.on_device": True})
+    with pytest.raises(ConfigError, match=r"--config\.aug\.on_device=False"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_flax_state_has_no_teacher():
     fields = {f.name for f in flax.struct.dataclasses.fields(steps.TrainState)}
     assert fields == {"step", "params", "opt_state", "batch_stats", "ema_params", "rng"}

@@ -40,6 +40,7 @@ from deit_jax.augment.policy import (
     RAND_OPS,
     parse_rand_augment,
 )
+from deit_jax.errors import ConfigError
 
 
 def normalize(image: jax.Array) -> jax.Array:
@@ -238,6 +239,11 @@ class DeviceAugment:
 
     @classmethod
     def from_config(cls, aug: ml_collections.ConfigDict) -> DeviceAugment:
+        if aug.get("three_augment", False) and aug.get("on_device", False):
+            # (else the step would add RandAugment and erasing to the host's 3-Augment)
+            raise ConfigError("aug.three_augment runs on the host (DeiT III's 3-Augment, "
+                              "deit_jax/augment/three_augment.py); set "
+                              "--config.aug.on_device=False")
         erasing = dict(re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count)
         if not aug.get("on_device", False):
             # The host ran the PIL ops (``host.train_pixels``); what timm does after them,
